@@ -1,0 +1,5 @@
+import sys
+
+from recurra.cli import main
+
+sys.exit(main())
