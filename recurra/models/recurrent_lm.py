@@ -1,0 +1,235 @@
+"""A language model built from any registered recurrent layer.
+
+    tokens (B, T)
+      -> token embedding                                   (B, T, d_model)
+      -> n_layers x Block:
+             x = x + RecurrentLayer(RMSNorm(x))            (the layer carries the state)
+             x = x + MLP(RMSNorm(x))                       (Linear -> GELU -> Linear)
+      -> final RMSNorm                                     (the "hidden" states)
+      -> output head (tied to the embedding by default)    (B, T, vocab_size)
+
+``logits, state = model(tokens, state=None, lengths=None)``: ``state`` is a tuple with one layer
+state per block; passing it back continues every sequence exactly, so a long text can be fed in
+chunks (stateful truncated back-propagation) and generation needs only ``model.step``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..layers import RecurrentLayer, build, check_lengths, time_mask
+
+ModelState = tuple  # tuple of per-block layer states (each a tuple of tensors)
+
+
+@dataclass
+class RecurrentLMConfig:
+    """Everything needed to rebuild a :class:`RecurrentLM` (``RecurrentLM(**asdict(config))``)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    layer: str = "lstm"
+    layer_options: dict[str, Any] = field(default_factory=dict)
+    mlp_ratio: float = 4
+    dropout: float = 0.0
+    tie_weights: bool = True
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear(d, h) -> GELU -> Linear(h, d)."""
+
+    def __init__(self, d_model: int, hidden: int, dropout: float):
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden)
+        self.act = nn.GELU()
+        self.down = nn.Linear(hidden, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.act(self.up(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: a recurrent layer, then (optionally) an MLP."""
+
+    def __init__(self, d_model: int, layer: str, layer_options: dict, mlp_ratio: float,
+                 dropout: float):
+        super().__init__()
+        self.norm_mix = nn.RMSNorm(d_model, eps=1e-6)
+        self.mixer: RecurrentLayer = build(layer, d_model, **layer_options)
+        if self.mixer.input_size != d_model or self.mixer.output_size != d_model:
+            raise ValueError(
+                f"layer {layer!r} built with d_model={d_model} maps {self.mixer.input_size} -> "
+                f"{self.mixer.output_size} features; a block needs {d_model} -> {d_model}"
+            )
+        if not self.mixer.causal:
+            raise ValueError(f"layer {layer!r} is not causal; a language model needs a causal one")
+        self.dropout = nn.Dropout(dropout)
+        hidden = int(round(mlp_ratio * d_model))
+        if hidden > 0:
+            self.norm_mlp = nn.RMSNorm(d_model, eps=1e-6)
+            self.mlp = MLP(d_model, hidden, dropout)
+        else:
+            self.norm_mlp = None
+            self.mlp = None
+
+    def forward(self, x: torch.Tensor, state, lengths: torch.Tensor | None):
+        y, state = self.mixer(self.norm_mix(x), state, lengths)
+        x = x + self.dropout(y)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm_mlp(x))
+        return x, state
+
+    def step(self, x_t: torch.Tensor, state):
+        y_t, state = self.mixer.step(self.norm_mix(x_t), state)
+        x_t = x_t + self.dropout(y_t)
+        if self.mlp is not None:
+            x_t = x_t + self.mlp(self.norm_mlp(x_t))
+        return x_t, state
+
+
+class RecurrentLM(nn.Module):
+    """Token embedding -> pre-norm recurrent blocks -> final norm -> (tied) output head."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_layers: int,
+        layer: str = "lstm",
+        layer_options: dict[str, Any] | None = None,
+        mlp_ratio: float = 4,
+        dropout: float = 0.0,
+        tie_weights: bool = True,
+    ):
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("d_model", d_model),
+                            ("n_layers", n_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(mlp_ratio, (int, float)) or mlp_ratio < 0:
+            raise ValueError(f"mlp_ratio must be a number >= 0 (0 = no MLP), got {mlp_ratio!r}")
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+        layer_options = dict(layer_options or {})
+        self.config = RecurrentLMConfig(
+            vocab_size, d_model, n_layers, layer, layer_options, mlp_ratio, dropout, tie_weights
+        )
+
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(d_model, layer, layer_options, mlp_ratio, dropout) for _ in range(n_layers)
+        )
+        self.norm = nn.RMSNorm(d_model, eps=1e-6)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self._init_weights()
+        if tie_weights:
+            self.head.weight = self.embedding.weight
+
+    def _init_weights(self) -> None:
+        """GPT-2 style for the parts this model owns; the recurrent layers keep their own init."""
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        nn.init.normal_(self.head.weight, std=0.02)
+        for block in self.blocks:
+            if block.mlp is not None:
+                nn.init.normal_(block.mlp.up.weight, std=0.02)
+                nn.init.zeros_(block.mlp.up.bias)
+                # residual projections shrink with depth so the stream's variance stays O(1)
+                nn.init.normal_(block.mlp.down.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
+                nn.init.zeros_(block.mlp.down.bias)
+
+    # ----------------------------------------------------------------- state
+    def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
+        """The state of empty sequences: one layer state per block."""
+        return tuple(b.mixer.init_state(batch_size, device=device, dtype=dtype)
+                     for b in self.blocks)
+
+    def reorder_state(self, state: ModelState, index: torch.Tensor) -> ModelState:
+        """Select (and repeat) batch rows: row i of the result is row ``index[i]``."""
+        self._check_state_arity(state)
+        return tuple(b.mixer.reorder_state(s, index) for b, s in zip(self.blocks, state))
+
+    def _check_state_arity(self, state) -> None:
+        if not isinstance(state, (tuple, list)) or len(state) != len(self.blocks):
+            got = len(state) if isinstance(state, (tuple, list)) else type(state).__name__
+            raise ValueError(
+                f"state must be a tuple of {len(self.blocks)} layer states (one per block, as "
+                f"returned by the model), got {got}"
+            )
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        state: ModelState | None = None,
+        lengths: torch.Tensor | Sequence[int] | None = None,
+        return_hidden: bool = False,
+    ):
+        """``tokens`` (B, T) -> ``logits`` (B, T, vocab_size), ``state``.
+
+        With ``lengths`` (B,), row b reads only ``tokens[b, :lengths[b]]``: its returned state is
+        the one after ``lengths[b]`` tokens, and its logits (and hidden states) beyond are 0.
+        With ``return_hidden=True`` also returns the final-norm hidden states (B, T, d_model).
+        """
+        self._check_tokens(tokens, dims=2, shape="(batch, time)")
+        batch, steps = tokens.shape
+        if state is None:
+            state = (None,) * len(self.blocks)
+        else:
+            self._check_state_arity(state)
+        lengths = check_lengths(lengths, batch, steps, tokens.device)
+
+        x = self.dropout(self.embedding(tokens))
+        new_state = []
+        for block, block_state in zip(self.blocks, state):
+            x, block_state = block(x, block_state, lengths)
+            new_state.append(block_state)
+        hidden = self.norm(x)
+        if lengths is not None:
+            hidden = hidden * time_mask(lengths, steps).unsqueeze(-1).to(hidden.dtype)
+        logits = self.head(hidden)
+        if return_hidden:
+            return logits, tuple(new_state), hidden
+        return logits, tuple(new_state)
+
+    def step(self, token: torch.Tensor, state: ModelState | None = None):
+        """One token per row: ``token`` (B,) -> ``logits`` (B, vocab_size), ``state``."""
+        self._check_tokens(token, dims=1, shape="(batch,)")
+        if state is None:
+            state = self.init_state(token.shape[0], device=token.device)
+        else:
+            self._check_state_arity(state)
+        x = self.dropout(self.embedding(token))
+        new_state = []
+        for block, block_state in zip(self.blocks, state):
+            x, block_state = block.step(x, block_state)
+            new_state.append(block_state)
+        return self.head(self.norm(x)), tuple(new_state)
+
+    def _check_tokens(self, tokens, dims: int, shape: str) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != dims:
+            got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a tensor of shape {shape}, got {got}")
+        if tokens.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"tokens must hold integers (torch.long), got {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0
+                               or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"tokens must lie in [0, {self.config.vocab_size - 1}] (vocab_size "
+                f"{self.config.vocab_size}), got values in [{int(tokens.min())}, "
+                f"{int(tokens.max())}]"
+            )
+
+    def config_dict(self) -> dict[str, Any]:
+        """A JSON-ready config that :func:`recurra.models.build_model` turns back into this model."""
+        return {"architecture": "recurrent", **asdict(self.config)}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
