@@ -1,0 +1,156 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recurra.layers import build
+from recurra.layers.jrt import PrefixLinearAttention, jrt_loss, prefix_mlm_loss
+from recurra.layers.linear_attention import LinearAttention
+from recurra.ops.linear_attention import feature_map
+from recurra.testing import check_layer_contract
+
+M = 4
+
+
+def memory_state(seen):
+    def sample(layer, batch, gen):
+        shapes = layer.state_shapes(batch)
+        s = torch.randn(shapes[0], generator=gen, dtype=torch.float64)
+        z = torch.rand(shapes[1], generator=gen, dtype=torch.float64) + 0.5
+        return s, z, torch.full((batch,), float(seen), dtype=torch.float64)
+    return sample
+
+
+def small_layer(**kw):
+    torch.manual_seed(0)
+    return PrefixLinearAttention(4, prefix_length=M, heads=2, key_dim=2, chunk_size=4, **kw)
+
+
+def test_contract_from_a_fresh_sequence():
+    # the prefix (first M tokens) is read non-causally: padding and gradcheck checks
+    check_layer_contract(small_layer(), steps=9, state_sampler=memory_state(0))
+
+
+class _AfterPrefix(PrefixLinearAttention):
+    """Past its prefix the layer is a causal decoder: check step and chunk carry too."""
+
+    causal = True
+
+
+def test_contract_after_the_prefix_is_causal():
+    layer = _AfterPrefix(4, prefix_length=M, heads=2, key_dim=2, chunk_size=4)
+    check_layer_contract(layer, steps=7, state_sampler=memory_state(M))
+
+
+def dense_prefix_attention(layer, x):
+    """Oracle: the formula of the paper, written densely from the layer's projections."""
+    b, t, _ = x.shape
+    h = layer.heads
+
+    def heads(y):
+        return y.view(b, t, h, -1).transpose(1, 2)
+
+    q = feature_map(heads(layer.q_proj(x)), "taylor")
+    k = feature_map(heads(layer.k_proj(x)), "taylor")
+    v = heads(layer.v_proj(x))
+    ke = feature_map(heads(layer.ke_proj(x)), "taylor")[:, :, :M]
+    ve = heads(layer.ve_proj(x))[:, :, :M]
+    causal = torch.ones(t, t, dtype=x.dtype).tril()
+    num = (q @ k.transpose(-1, -2) * causal) @ v + (q @ ke.transpose(-1, -2)) @ ve
+    den = (q @ k.transpose(-1, -2) * causal).sum(-1) + (q @ ke.transpose(-1, -2)).sum(-1)
+    y = num / (den.unsqueeze(-1) + layer.eps)
+    return layer.out_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_matches_dense_formula_and_prefill_then_decode():
+    layer = small_layer().double()
+    x = torch.randn(2, 11, 4, dtype=torch.float64)
+    y, state = layer(x)
+    torch.testing.assert_close(y, dense_prefix_attention(layer, x), atol=1e-10, rtol=1e-9)
+    assert state[2].tolist() == [11.0, 11.0]
+    # prefill the first M + 1 tokens, then decode token by token
+    y_pre, st = layer(x[:, :M + 1])
+    ys = [y_pre]
+    for t in range(M + 1, 11):
+        y_t, st = layer.step(x[:, t], st)
+        ys.append(y_t.unsqueeze(1))
+    torch.testing.assert_close(torch.cat(ys, 1), y, atol=1e-10, rtol=1e-9)
+    for a, c in zip(st, state):
+        torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-9)
+
+
+def test_prefix_order_does_not_matter_after_the_prefix():
+    # encoder and decoder memories are sums over the prefix: any order of it decodes the same
+    layer = small_layer().double()
+    x = torch.randn(2, 9, 4, dtype=torch.float64)
+    perm = torch.tensor([2, 0, 3, 1])
+    x_perm = torch.cat([x[:, perm], x[:, M:]], 1)
+    y, st = layer(x)
+    y_perm, st_perm = layer(x_perm)
+    torch.testing.assert_close(y_perm[:, M:], y[:, M:], atol=1e-12, rtol=1e-10)
+    for a, c in zip(st_perm, st):
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
+    assert not torch.allclose(y_perm[:, :M], y[:, :M])  # the prefix outputs themselves move
+
+
+def test_prefix_tokens_see_the_future_but_decoder_tokens_do_not():
+    layer = small_layer().double()
+    x = torch.randn(1, 10, 4, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    g0 = torch.autograd.grad(y[0, 0].sum(), x, retain_graph=True)[0]
+    assert g0[0, M - 1].abs().sum() > 0          # position 0 reads the last prefix token
+    assert g0[0, M:].abs().sum() == 0            # but nothing after the prefix
+    g6 = torch.autograd.grad(y[0, 6].sum(), x)[0]
+    assert g6[0, 7:].abs().sum() == 0
+
+
+def test_continuing_inside_the_prefix_raises():
+    layer = small_layer()
+    _, st = layer(torch.randn(1, M - 1, 4))
+    with pytest.raises(ValueError, match="prefix"):
+        layer(torch.randn(1, 2, 4), st)
+    with pytest.raises(ValueError, match="prefill"):
+        layer.step(torch.randn(1, 4))
+
+
+def test_prefix_mlm_loss_masks_only_the_prefix():
+    vocab, mask_id = 7, 6
+    tokens = torch.randint(0, 6, (3, 12), generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def logits_fn(tok):
+        seen["tok"] = tok
+        return torch.nn.functional.one_hot(tok, vocab).double() * 2.0
+
+    loss = prefix_mlm_loss(logits_fn, tokens, prefix_length=5, mask_token_id=mask_id,
+                           mask_prob=0.5, generator=torch.Generator().manual_seed(1))
+    corrupted = seen["tok"]
+    masked = corrupted != tokens
+    assert masked.any() and not masked[:, 5:].any()
+    assert (corrupted[masked] == mask_id).all()
+    expected = F.cross_entropy(logits_fn(corrupted)[masked], tokens[masked])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_jrt_loss_trains_an_embedding_model():
+    torch.manual_seed(0)
+    vocab = 11
+    emb = torch.nn.Embedding(vocab, 8)
+    layer = build("jrt", 8, prefix_length=6, heads=2, key_dim=4)
+    head = torch.nn.Linear(8, vocab)
+    params = [*emb.parameters(), *layer.parameters(), *head.parameters()]
+    opt = torch.optim.Adam(params, lr=3e-2)
+
+    def logits_fn(tok):
+        return head(layer(emb(tok))[0])
+
+    # learnable data: each token is the previous one plus 3 (mod 10), random starts
+    tokens = (torch.randint(0, 10, (8, 1)) + 3 * torch.arange(16)) % 10
+    losses = []
+    for i in range(20):
+        loss = jrt_loss(logits_fn, tokens, prefix_length=6, mask_token_id=vocab - 1,
+                        generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
