@@ -8,7 +8,8 @@
 from .base import RecurrentLayer, State, check_input, check_lengths, reverse_padded, time_mask
 from .registry import available, build, describe, register
 
-_CLASSES = {"LSTM": "lstm", "GRU": "gru", "RNN": "elman", "SLSTM": "slstm", "from_torch": "lstm"}
+_CLASSES = {"LSTM": "lstm", "GRU": "gru", "RNN": "elman", "SLSTM": "slstm",
+            "from_torch": "recurrent_stack"}
 
 
 def __getattr__(name):

@@ -1,0 +1,283 @@
+"""Stacked, optionally bidirectional, multi-head classic RNNs with torch.nn's names and semantics.
+
+``StackedRNN`` is the shared machinery of ``LSTM``, ``GRU``, ``RNN`` (Elman) and ``SLSTM``:
+- parameters ``weight_ih_l{k}[_reverse]`` (G*H, in), ``weight_hh_l{k}[_reverse]`` (G*H, H/N),
+  ``bias_ih_l{k}[_reverse]``, ``bias_hh_l{k}[_reverse]`` (G*H,), rows in torch.nn's gate order.
+  With ``num_heads=1`` these are exactly torch.nn's parameters (a torch.nn state dict loads as
+  is); with N heads row ``g*H + n*dh + d`` of ``weight_hh`` holds head n's block, so the
+  recurrent matrix of gate g is block-diagonal (FlashRNN's multi-head cells);
+- the state is a tuple of tensors shaped like torch.nn's ``h_n``: (num_layers * num_directions,
+  B, H), batch on axis 1 (``state_batch_dim = 1``). LSTM: (h, c); GRU and RNN: (h,); sLSTM:
+  (h, c, n, m). A bare tensor is accepted as ``state`` for one-component states;
+- ``backend``: ``"native"`` runs torch's own kernel (oneDNN for LSTM on CPU; ``num_heads=1``
+  only, not sLSTM), ``"fused"`` the loop with a hand-written backward, ``"reference"`` the plain
+  loop with autograd. ``"auto"`` picks native for a single-head LSTM and fused otherwise. The
+  backends compute the same function; an impossible request raises, it never switches silently.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.recurrent_cells import CELLS
+from ..ops.recurrent_fused import recurrence
+from .base import RecurrentLayer, State, reverse_padded, time_mask
+
+_NATIVE = {"lstm": "lstm", "gru": "gru", "elman": None, "slstm": None}
+
+
+class StackedRNN(RecurrentLayer):
+    cell: str = ""
+    state_batch_dim = 1
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = True,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        num_heads: int = 1,
+        backend: str = "auto",
+        nonlinearity: str = "tanh",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_positive("input_size", input_size)
+        _check_positive("hidden_size", hidden_size)
+        _check_positive("num_layers", num_layers)
+        _check_positive("num_heads", num_heads)
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
+            )
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1):
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        if backend not in ("auto", "native", "fused", "reference"):
+            raise ValueError(
+                f"backend must be 'auto', 'native', 'fused' or 'reference', got {backend!r}"
+            )
+        if backend == "native" and (num_heads != 1 or self.cell == "slstm"):
+            raise ValueError(
+                "backend='native' (torch's own kernel) serves only single-head LSTM, GRU and "
+                f"RNN layers; this is a {self.cell} layer with num_heads={num_heads}"
+            )
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.num_heads = num_heads
+        self.nonlinearity = nonlinearity
+        self.backend = backend
+        self.causal = not bidirectional
+        self.num_directions = 2 if bidirectional else 1
+        self.output_size = hidden_size * self.num_directions
+        self.gates, self.n_states = CELLS[self.cell]
+        factory = {"device": device, "dtype": dtype}
+        head = hidden_size // num_heads
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else self.output_size
+            for suffix in self._suffixes(layer):
+                G = self.gates * hidden_size
+                setattr(self, f"weight_ih{suffix}", nn.Parameter(torch.empty(G, layer_in,
+                                                                             **factory)))
+                setattr(self, f"weight_hh{suffix}", nn.Parameter(torch.empty(G, head, **factory)))
+                if bias:
+                    setattr(self, f"bias_ih{suffix}", nn.Parameter(torch.empty(G, **factory)))
+                    setattr(self, f"bias_hh{suffix}", nn.Parameter(torch.empty(G, **factory)))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ set-up
+    def _suffixes(self, layer: int) -> list[str]:
+        return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.bidirectional else [])
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.num_heads != 1:
+            s += f", num_heads={self.num_heads}"
+        if not self.bias:
+            s += ", bias=False"
+        if not self.batch_first:
+            s += ", batch_first=False"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    def state_shapes(self, batch_size: int) -> list[tuple[int, ...]]:
+        shape = (self.num_layers * self.num_directions, batch_size, self.hidden_size)
+        return [shape] * self.n_states
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "native" if self.cell == "lstm" and self.num_heads == 1 else "fused"
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, state=None, lengths=None):
+        """``y, state = layer(x, state=None, lengths=None)``; x is (B, T, in) when
+        batch_first (the default), else (T, B, in). See the module docstring."""
+        if not self.batch_first:
+            if isinstance(x, torch.Tensor) and x.dim() == 3:
+                x = x.transpose(0, 1)
+            y, state = super().forward(x, state, lengths)
+            return y.transpose(0, 1), state
+        return super().forward(x, state, lengths)
+
+    def step(self, x_t, state=None):
+        if self.batch_first:
+            return super().step(x_t, state)
+        # step() is batch-first whatever batch_first says: x_t is (B, in)
+        self.batch_first = True
+        try:
+            return super().step(x_t, state)
+        finally:
+            self.batch_first = False
+
+    def _forward(self, x: torch.Tensor, state: State, lengths: torch.Tensor | None):
+        B, T, _ = x.shape
+        if T == 0:
+            return x.new_zeros(B, 0, self.output_size), state
+        if self.resolved_backend() == "native":
+            return self._native_forward(x, state, lengths)
+        finals: list[list[torch.Tensor]] = [[] for _ in range(self.n_states)]
+        inp = x
+        for layer in range(self.num_layers):
+            outs = []
+            for d, suffix in enumerate(self._suffixes(layer)):
+                k = layer * self.num_directions + d
+                s0 = tuple(s[k] for s in state)
+                src = inp if d == 0 else reverse_padded(inp, lengths)
+                y, s_final = self._run_direction(src, suffix, s0, lengths)
+                outs.append(y if d == 0 else reverse_padded(y, lengths))
+                for j, s in enumerate(s_final):
+                    finals[j].append(s)
+            inp = torch.cat(outs, -1) if len(outs) > 1 else outs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                inp = F.dropout(inp, self.dropout, training=True)
+        if lengths is not None:
+            inp = inp * time_mask(lengths, T).unsqueeze(-1).to(inp.dtype)
+        return inp, tuple(torch.stack(f, 0) for f in finals)
+
+    def _run_direction(self, x, suffix, s0, lengths):
+        """One layer, one direction: x (B, T, in) -> y (B, T, H), final state parts (B, H)."""
+        B, T, _ = x.shape
+        N, H, G = self.num_heads, self.hidden_size, self.gates
+        dh = H // N
+        w_ih = getattr(self, f"weight_ih{suffix}")
+        w_hh = getattr(self, f"weight_hh{suffix}")
+        bias_hn = None
+        if self.bias:
+            b_ih = getattr(self, f"bias_ih{suffix}")
+            b_hh = getattr(self, f"bias_hh{suffix}")
+            if self.cell == "gru":  # b_hn stays inside the reset gate
+                b = b_ih + torch.cat([b_hh[:2 * H], b_hh.new_zeros(H)])
+                bias_hn = b_hh[2 * H:].view(N, 1, dh)
+            else:
+                b = b_ih + b_hh
+        else:
+            b = None
+        wx = F.linear(x, w_ih, b)  # (B, T, G*H), one GEMM over all steps
+        wx = wx.view(B, T, G, N, dh).permute(1, 3, 0, 2, 4).reshape(T, N, B, G * dh)
+        r = w_hh.view(G, N, dh, dh).permute(1, 3, 0, 2).reshape(N, dh, G * dh)
+        heads0 = tuple(s.view(B, N, dh).transpose(0, 1) for s in s0)
+        states = recurrence(self.cell, wx, r, heads0, bias_hn=bias_hn,
+                            nonlinearity=self.nonlinearity, backend=self.resolved_backend())
+        y = states[0].permute(2, 0, 1, 3).reshape(B, T, H)
+        if lengths is None:
+            final = [s[-1] for s in states]
+        else:
+            idx = (lengths - 1).clamp(min=0).view(1, 1, B, 1).expand(1, N, B, dh)
+            final = [torch.where((lengths > 0).view(1, B, 1), s.gather(0, idx)[0], s0_)
+                     for s, s0_ in zip(states, heads0)]
+        return y, tuple(f.transpose(0, 1).reshape(B, H) for f in final)
+
+    def _native_forward(self, x, state, lengths):
+        B, T, _ = x.shape
+        weights = []
+        for layer in range(self.num_layers):
+            for suffix in self._suffixes(layer):
+                names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+                weights += [getattr(self, n + suffix) for n in names]
+        fn = {"lstm": torch._VF.lstm, "gru": torch._VF.gru,
+              "elman": torch._VF.rnn_tanh if self.nonlinearity == "tanh" else torch._VF.rnn_relu
+              }[self.cell]
+        hx = state if self.cell == "lstm" else state[0]
+        args = (weights, self.bias, self.num_layers, self.dropout, self.training,
+                self.bidirectional)
+        if lengths is None:
+            out = fn(x, hx, *args, True)
+            y, new = out[0], out[1:]
+            return y, tuple(new)
+        # packed sequences: torch's kernel stops each row at its length (rows of length 0 run
+        # one step on padding; their outputs and states are replaced below)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.clamp(min=1).cpu(),
+                                                   batch_first=True, enforce_sorted=False)
+        perm = packed.sorted_indices
+        hx_sorted = tuple(h.index_select(1, perm) for h in state)
+        out = fn(packed.data, packed.batch_sizes,
+                 hx_sorted if self.cell == "lstm" else hx_sorted[0], *args)
+        y_packed = nn.utils.rnn.PackedSequence(out[0], packed.batch_sizes, perm,
+                                               packed.unsorted_indices)
+        y, _ = nn.utils.rnn.pad_packed_sequence(y_packed, batch_first=True, total_length=T)
+        new = tuple(h.index_select(1, packed.unsorted_indices) for h in out[1:])
+        empty = (lengths == 0)
+        y = y * (~empty).view(B, 1, 1).to(y.dtype)
+        new = tuple(torch.where(empty.view(1, B, 1), s0, s) for s, s0 in zip(new, state))
+        return y, new
+
+
+def _check_positive(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def from_torch(module: nn.Module, backend: str = "auto", batch_first: bool | None = None):
+    """A recurra layer with ``module``'s configuration and weights (torch.nn.LSTM/GRU/RNN).
+
+    The result reproduces the module's outputs and final states. ``batch_first`` defaults to
+    the module's own setting, so the two can be called on the same tensors.
+    """
+    from .elman import RNN
+    from .gru import GRU
+    from .lstm import LSTM
+
+    kinds = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
+    cls = kinds.get(type(module))
+    if cls is None:
+        raise ValueError(
+            f"module must be a torch.nn.LSTM, GRU or RNN, got {type(module).__name__}"
+        )
+    if getattr(module, "proj_size", 0):
+        raise ValueError("module has proj_size > 0 (LSTM projections), which recurra lacks")
+    p = next(module.parameters())
+    extra = {"nonlinearity": module.nonlinearity} if cls is RNN else {}
+    layer = cls(module.input_size, module.hidden_size, num_layers=module.num_layers,
+                bias=module.bias, batch_first=module.batch_first if batch_first is None
+                else batch_first, dropout=module.dropout, bidirectional=module.bidirectional,
+                backend=backend, device=p.device, dtype=p.dtype, **extra)
+    layer.load_state_dict(module.state_dict())
+    return layer
