@@ -1,0 +1,113 @@
+"""What one evaluation cell is, and the budgets cells are trained under.
+
+A **cell** trains one small model on one task and tests it at several lengths. It is named by
+
+- a task spec, e.g. ``parity`` or ``set_disjointness:order=long_first:jrt_prompt=true``
+  (see ``recurra.tasks.registry``);
+- a model spec: a registered layer name (``lstm``, ``mamba2``, ...) or ``transformer``, with
+  options ``name:option=value:...``. ``d_model``, ``n_layers``, ``mlp_ratio`` (and ``n_heads``,
+  ``positions`` for the transformer) set the model; every other option goes to the layer.
+  Options after ``@`` apply at *test time only*: the trained weights are loaded into a model built
+  with them (``mamba2:d_state=16@some_mitigation=true``), for training-free fixes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..tasks.registry import parse_spec
+
+MODEL_KEYS = {"d_model", "n_layers", "mlp_ratio"}
+TRANSFORMER_KEYS = MODEL_KEYS | {"n_heads", "positions", "max_len", "rope_base"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Model size and training budget of every cell of a run."""
+
+    name: str
+    d_model: int
+    n_layers: int
+    steps: int
+    batch_size: int
+    lr: float
+    n_test: int
+    #: stop training after this many seconds (the cell is then marked ``time_capped``); 0 = never
+    max_train_seconds: float = 0.0
+    warmup: int = 20
+
+
+BUDGETS = {
+    # CI: seconds per cell
+    "smoke": Budget("smoke", d_model=32, n_layers=1, steps=80, batch_size=32, lr=1e-2,
+                    n_test=128, max_train_seconds=60),
+    "small": Budget("small", d_model=48, n_layers=1, steps=250, batch_size=32, lr=5e-3,
+                    n_test=256, max_train_seconds=60),
+    "full": Budget("full", d_model=64, n_layers=2, steps=600, batch_size=32, lr=3e-3,
+                   n_test=256, max_train_seconds=150),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    spec: str
+    architecture: str  # "transformer" or "recurrent"
+    layer: str | None
+    model_options: dict[str, Any] = field(default_factory=dict)
+    layer_options: dict[str, Any] = field(default_factory=dict)
+    test_layer_options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """Parse ``name[:opt=v...][@opt=v...]`` (see the module docstring)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a model spec must be a non-empty string, got {spec!r}")
+    train_part, _, test_part = spec.strip().partition("@")
+    name, options = parse_spec(train_part)
+    test_options: dict[str, Any] = {}
+    if test_part:
+        _, test_options = parse_spec("x:" + test_part)
+    if name == "transformer":
+        unknown = set(options) - TRANSFORMER_KEYS
+        if unknown or test_options:
+            raise ValueError(f"model spec {spec!r}: the transformer takes only "
+                             f"{sorted(TRANSFORMER_KEYS)}, got {sorted(unknown | set(test_options))}")
+        return ModelSpec(spec, "transformer", None, dict(options), {}, {})
+    model_options = {k: v for k, v in options.items() if k in MODEL_KEYS}
+    layer_options = {k: v for k, v in options.items() if k not in MODEL_KEYS}
+    bad = set(test_options) & MODEL_KEYS
+    if bad:
+        raise ValueError(f"model spec {spec!r}: test-time options cannot change {sorted(bad)}")
+    return ModelSpec(spec, "recurrent", name, model_options, layer_options, test_options)
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    task: str
+    model: str
+    train_length: int
+    test_lengths: tuple[int, ...]
+    seed: int = 0
+
+    def cell_id(self) -> str:
+        """A file-name-safe id, unique per (task, model)."""
+        text = f"{self.task}__{self.model}"
+        safe = re.sub(r"[^A-Za-z0-9_.=-]+", "-", text)
+        return safe if len(safe) < 150 else safe[:120] + "-" + _digest(text)[:12]
+
+    def config(self, budget: Budget) -> dict[str, Any]:
+        """Everything that determines the cell's result (a resumed run compares it)."""
+        return {"cell": asdict(self) | {"test_lengths": list(self.test_lengths)},
+                "budget": asdict(budget)}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return _digest(json.dumps(config, sort_keys=True, default=str))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

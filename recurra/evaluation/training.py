@@ -1,0 +1,146 @@
+"""One cell: build a small model, train it on a task (supervised, masked), test it per length.
+
+The loss is cross-entropy at the answer positions of each batch (``batch.mask``); the model is
+any ``recurra.models`` language model (``logits = model(tokens)[0]``, one class per vocabulary
+token). Training is deterministic given the cell's seed: parameters are initialised under
+``torch.manual_seed``, batch b is ``task.sample(batch_size, L_b, seed=seed * 1_000_003 + b)``
+with L_b drawn from ``task.train_lengths(train_length)`` by a seeded generator, and the test set
+of each length is ``task.sample(n_test, L, seed=seed, split="test")``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .metrics import Counts
+from .prefix_lm import set_prefix_length
+from .specs import Budget, CellSpec, ModelSpec, parse_model_spec
+
+EVAL_BATCH = 64
+
+
+def build_cell_model(model: ModelSpec, vocab_size: int, budget: Budget,
+                     test_time: bool = False) -> torch.nn.Module:
+    """The language model of a cell (``test_time`` adds the spec's test-only layer options)."""
+    from ..models import build_model
+
+    options = {"d_model": budget.d_model, "n_layers": budget.n_layers, **model.model_options}
+    if model.architecture == "transformer":
+        d = options["d_model"]
+        options.setdefault("n_heads", max(1, d // 16) if (d // max(1, d // 16)) % 2 == 0 else 1)
+        return build_model({"architecture": "transformer", "vocab_size": vocab_size, **options})
+    layer_options = dict(model.layer_options)
+    if test_time:
+        layer_options.update(model.test_layer_options)
+    if not layer_is_causal(model.layer, options["d_model"], layer_options):
+        from .prefix_lm import PrefixLM
+
+        return PrefixLM(vocab_size, layer=model.layer, layer_options=layer_options, **options)
+    return build_model({"architecture": "recurrent", "vocab_size": vocab_size,
+                        "layer": model.layer, "layer_options": layer_options, **options})
+
+
+def layer_is_causal(name: str, d_model: int, layer_options: dict) -> bool:
+    """Whether the registered layer ``name`` is causal (an unknown name raises ValueError)."""
+    from ..layers import build
+
+    return bool(build(name, d_model, **layer_options).causal)
+
+
+def lr_at(step: int, budget: Budget) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < budget.warmup:
+        return budget.lr * (step + 1) / budget.warmup
+    progress = (step - budget.warmup) / max(1, budget.steps - budget.warmup)
+    return budget.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_and_test(cell: CellSpec, budget: Budget,
+                   on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train the cell's model and test it; returns the JSON-ready result (raises on failure)."""
+    from ..tasks.registry import build_task
+
+    task = build_task(cell.task)
+    spec = parse_model_spec(cell.model)
+    task.check_length(cell.train_length)
+    for length in cell.test_lengths:
+        task.check_length(length)
+
+    torch.manual_seed(cell.seed)
+    model = build_cell_model(spec, task.vocab_size, budget)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=budget.lr, weight_decay=0.01)
+    lengths = task.train_lengths(cell.train_length)
+    length_rng = np.random.default_rng(cell.seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    time_capped = False
+    model.train()
+    for step in range(budget.steps):
+        if budget.max_train_seconds and time.perf_counter() - start > budget.max_train_seconds:
+            time_capped = True
+            break
+        length = int(lengths[length_rng.integers(len(lengths))])
+        batch = task.sample(budget.batch_size, length, seed=cell.seed * 1_000_003 + step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, budget)
+        set_prefix_length(model, batch.mask)
+        logits = model(batch.inputs)[0]
+        loss = F.cross_entropy(logits[batch.mask], batch.targets[batch.mask])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    train_seconds = time.perf_counter() - start
+
+    if spec.test_layer_options:
+        test_model = build_cell_model(spec, task.vocab_size, budget, test_time=True)
+        test_model.load_state_dict(model.state_dict())
+    else:
+        test_model = model
+    start = time.perf_counter()
+    results = {str(length): test_at_length(test_model, task, length, budget.n_test, cell.seed)
+               for length in cell.test_lengths}
+    return {
+        "status": "ok",
+        "task": cell.task,
+        "task_name": task.name,
+        "model": cell.model,
+        "primary_metric": task.primary_metric,
+        "train_length": cell.train_length,
+        "n_params": n_params,
+        "steps_done": len(losses),
+        "time_capped": time_capped,
+        "train_seconds": round(train_seconds, 2),
+        "test_seconds": round(time.perf_counter() - start, 2),
+        "final_loss": float(np.mean(losses[-10:])) if losses else None,
+        "loss_curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]],
+        "accuracy": results,
+    }
+
+
+@torch.no_grad()
+def test_at_length(model: torch.nn.Module, task, length: int, n_test: int,
+                   seed: int) -> dict[str, float]:
+    """Token, sequence and last-answer accuracy of ``model`` on the test split at ``length``."""
+    model.eval()
+    batch = task.sample(n_test, length, seed=seed, split="test")
+    counts = Counts()
+    for i in range(0, n_test, EVAL_BATCH):
+        inputs = batch.inputs[i:i + EVAL_BATCH]
+        set_prefix_length(model, batch.mask[i:i + EVAL_BATCH])
+        logits = model(inputs)[0]
+        counts.add(logits.argmax(-1), batch.targets[i:i + EVAL_BATCH],
+                   batch.mask[i:i + EVAL_BATCH])
+    return counts.accuracies()

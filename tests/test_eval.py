@@ -1,0 +1,127 @@
+"""The evaluation runner: metrics against hand counts, resume, failure isolation, output files,
+and a real smoke training run (an LSTM must solve parity at length 16)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from recurra.evaluation.metrics import masked_accuracies
+from recurra.evaluation.report import write_report
+from recurra.evaluation.runner import cell_path, run_cells
+from recurra.evaluation.specs import BUDGETS, CellSpec, parse_model_spec
+from recurra.evaluation.suites import SUITES, grid_cells, suite_cells
+
+
+def test_metrics_against_hand_counts():
+    targets = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [1, 1, 1, 1]])
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    preds = targets.clone()
+    preds[0, 2] = 9       # row 0: one of its 2 answers wrong (the last one)
+    preds[1, 0] = 9       # row 1: first of 4 answers wrong, last right
+    preds[2, 0] = 9       # outside the mask: ignored
+    acc = masked_accuracies(preds, targets, mask)
+    assert acc["token"] == pytest.approx(5 / 7)
+    assert acc["sequence"] == pytest.approx(1 / 3)
+    assert acc["last"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="answer position"):
+        masked_accuracies(preds, targets, torch.zeros_like(mask))
+
+
+def test_model_spec_parsing():
+    s = parse_model_spec("mamba2:d_state=16:n_layers=1@clip=true")
+    assert s.layer == "mamba2" and s.layer_options == {"d_state": 16}
+    assert s.model_options == {"n_layers": 1} and s.test_layer_options == {"clip": True}
+    assert parse_model_spec("transformer:n_heads=2").architecture == "transformer"
+    with pytest.raises(ValueError, match="transformer"):
+        parse_model_spec("transformer:d_state=3")
+    with pytest.raises(ValueError, match="test-time"):
+        parse_model_spec("gru@d_model=8")
+
+
+def test_suites_are_well_formed():
+    for name in SUITES:
+        cells = suite_cells(name)
+        assert cells and len({c.cell_id() for c in cells}) == len(cells)
+    with pytest.raises(ValueError, match="unknown suite"):
+        suite_cells("nope")
+    cells = grid_cells(["parity", "copy"], ["lstm", "gru"])
+    assert len(cells) == 4 and cells[0].train_length == 16
+
+
+def fake_train(calls, fail=()):
+    def train(cell, budget, on_step=None):
+        calls.append(cell.cell_id())
+        if cell.model in fail:
+            raise RuntimeError(f"{cell.model} is broken")
+        acc = {"token": 0.5, "sequence": 0.25, "last": 0.75}
+        return {"status": "ok", "task": cell.task, "task_name": cell.task, "model": cell.model,
+                "primary_metric": "last", "train_length": cell.train_length,
+                "accuracy": {str(n): acc for n in cell.test_lengths}, "train_seconds": 0.0}
+    return train
+
+
+def test_resume_and_failure_isolation(tmp_path):
+    out = str(tmp_path)
+    cells = [CellSpec("parity", m, 4, (4, 8)) for m in ("a", "bad", "c")]
+    budget = BUDGETS["smoke"]
+    calls: list[str] = []
+    results = run_cells(cells, budget, out, progress=False, train_fn=fake_train(calls, {"bad"}))
+    assert [r["status"] for r in results] == ["ok", "failed", "ok"]
+    assert "bad is broken" in results[1]["error"]
+    assert len(calls) == 3
+    for c in cells:
+        assert os.path.exists(cell_path(out, c))
+    # resume: finished cells are not recomputed; the failed one is retried
+    calls.clear()
+    results = run_cells(cells, budget, out, progress=False, train_fn=fake_train(calls))
+    assert calls == [cells[1].cell_id()]
+    assert [r["status"] for r in results] == ["ok"] * 3
+    # a changed configuration (budget) recomputes; --no-resume recomputes everything
+    calls.clear()
+    run_cells(cells[:1], replace(budget, steps=budget.steps + 1), out, progress=False,
+              train_fn=fake_train(calls))
+    assert calls == [cells[0].cell_id()]
+    calls.clear()
+    run_cells(cells, budget, out, resume=False, progress=False, train_fn=fake_train(calls))
+    assert len(calls) == 3
+    # a damaged cell file is recomputed, not fatal
+    with open(cell_path(out, cells[2]), "w") as f:
+        f.write("{not json")
+    calls.clear()
+    run_cells(cells, budget, out, progress=False, train_fn=fake_train(calls))
+    assert calls == [cells[2].cell_id()]
+
+
+def test_report_files(tmp_path):
+    out = str(tmp_path)
+    cells = [CellSpec("parity", m, 4, (4, 8)) for m in ("a", "bad")]
+    results = run_cells(cells, BUDGETS["smoke"], out, progress=False,
+                        train_fn=fake_train([], {"bad"}))
+    from dataclasses import asdict
+
+    paths = write_report(out, results, "t", "recurra eval x", asdict(BUDGETS["smoke"]))
+    data = json.load(open(paths["json"]))
+    assert [c["status"] for c in data["cells"]] == ["ok", "failed"]
+    md = open(paths["markdown"]).read()
+    assert "| `a` | 0.75 | 0.75 |" in md and "8*" in md
+    assert "`bad`: RuntimeError: bad is broken" in md
+    assert os.path.getsize(paths["parity"]) > 1000  # a PNG was drawn
+
+
+def test_real_cells_smoke_lstm_solves_parity_and_unknown_layer_fails(tmp_path):
+    """The CI smoke check: real training; the numbers must be sane, not just present."""
+    torch.set_num_threads(2)
+    budget = replace(BUDGETS["smoke"], n_test=128)
+    cells = [CellSpec("parity", "lstm", 16, (16,)),
+             CellSpec("parity", "no_such_layer", 16, (16,))]
+    results = run_cells(cells, budget, str(tmp_path), progress=False)
+    ok, failed = results
+    assert failed["status"] == "failed" and "no_such_layer" in failed["error"]
+    assert ok["status"] == "ok", ok.get("error")
+    assert ok["accuracy"]["16"]["last"] >= 0.95, ok["accuracy"]
+    assert ok["final_loss"] < 0.1
