@@ -20,6 +20,10 @@ _TASKS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mqar": ("recurra.tasks.associative_recall", "AssociativeRecallTask", {}),
     "set_disjointness": ("recurra.tasks.set_disjointness", "SetDisjointnessTask", {}),
     "passkey": ("recurra.tasks.passkey", "PasskeyTask", {}),
+    "hmm": ("recurra.tasks.hidden_markov", "HiddenMarkovTask", {}),
+    "reber": ("recurra.tasks.reber", "ReberTask", {}),
+    "arrows": ("recurra.tasks.arrow_pointing", "ArrowPointingTask", {}),
+    "typos": ("recurra.tasks.typos", "TypoCorrectionTask", {}),
 }
 
 
