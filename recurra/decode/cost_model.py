@@ -1,0 +1,79 @@
+"""What verifying k tokens at once costs on this hardware, relative to one token.
+
+Speculative methods trade extra verified tokens for fewer model passes, so their best draft size
+depends on how a forward's cost grows with k. On a CPU it is far from linear and not even
+monotone (small-M GEMM paths: 3 tokens can cost more than 4). :class:`VerifyCost` holds a
+measured table; drafters use :meth:`gain` to pick draft sizes and adapters pad a draft to the
+cheapest size that holds it (:meth:`padded_sizes`).
+
+:data:`CPU_2CORE_SMOLLM2` is the table measured on the project's 2-core CPU machines for
+SmolLM2-135M (fp32, 2 threads, 200-token cache; see docs/decoding.md); :func:`measure` measures
+a table for any adapter.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+
+class VerifyCost:
+    def __init__(self, table: dict[int, float]):
+        if not table or 1 not in table:
+            raise ValueError("a cost table must be a non-empty dict {k: cost} containing k=1")
+        base = table[1]
+        self.table = {int(k): float(v) / base for k, v in sorted(table.items())}
+
+    def relative(self, k: int) -> float:
+        """Cost of verifying k tokens / cost of 1 (linear interpolation, held past the end)."""
+        ks = list(self.table)
+        if k in self.table:
+            return self.table[k]
+        if k > ks[-1]:
+            return self.table[ks[-1]] * k / ks[-1]
+        lo = max(x for x in ks if x < k)
+        hi = min(x for x in ks if x > k)
+        w = (k - lo) / (hi - lo)
+        return (1 - w) * self.table[lo] + w * self.table[hi]
+
+    def effective(self, k: int) -> float:
+        """Cost of k tokens when padding to a cheaper larger size is allowed."""
+        return min(self.relative(j) for j in range(k, max(self.table) + 1)) \
+            if k <= max(self.table) else self.relative(k)
+
+    def padded_sizes(self) -> list[int]:
+        """Sizes worth running: a size is kept unless a larger one is no more expensive."""
+        ks = list(range(1, max(self.table) + 1))
+        return [k for k in ks if all(self.relative(j) > self.relative(k) for j in ks if j > k)]
+
+    def gain(self, expected_tokens: float, k: int) -> float:
+        """Tokens per unit cost of a verify of k tokens expected to emit ``expected_tokens``."""
+        return expected_tokens / self.effective(k)
+
+
+#: measured on the 2-core CPU (SmolLM2-135M-Instruct fp32, 2 threads, 200-token KV cache)
+CPU_2CORE_SMOLLM2 = VerifyCost({1: 1.00, 2: 1.61, 3: 1.99, 4: 1.60, 8: 1.62, 11: 2.14,
+                                16: 1.95, 24: 2.37, 32: 2.77, 64: 4.19, 96: 5.42})
+
+
+@torch.no_grad()
+def measure(adapter, context: Sequence[int], sizes: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16,
+                                                                     24, 32),
+            repeats: int = 5) -> VerifyCost:
+    """Time ``verify`` of chains of each size after a prefill of ``context`` (medians)."""
+    from .tree import DraftTree
+
+    session = adapter.new_session()
+    session.append(torch.tensor([list(context)], device=adapter.device), logits_to_keep=1)
+    times = {k: [] for k in sizes}
+    for _ in range(repeats + 1):
+        for k in sizes:
+            tree = DraftTree.chain(context[-1], list(context[:k - 1]))
+            start = time.perf_counter()
+            session.verify(tree)
+            times[k].append(time.perf_counter() - start)
+            session.commit([])
+    med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}
+    return VerifyCost(med)
