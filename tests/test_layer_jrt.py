@@ -11,6 +11,15 @@ from recurra.testing import check_layer_contract
 M = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny problems: extra threads only add synchronisation (very slow on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def memory_state(seen):
     def sample(layer, batch, gen):
         shapes = layer.state_shapes(batch)

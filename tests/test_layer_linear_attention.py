@@ -14,6 +14,15 @@ from recurra.ops.linear_attention import (
 from recurra.testing import check_layer_contract
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny problems: extra threads only add synchronisation (very slow on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def positive_state(layer, batch, gen):
     """Random memory S; a positive normaliser z (as any real history gives with phi >= 0)."""
     shapes = layer.state_shapes(batch)
