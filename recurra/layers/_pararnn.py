@@ -89,8 +89,13 @@ class ParaRNNLayer(RecurrentLayer):
         batch, steps, _ = x.shape
         heads, head = self.num_heads, self.d_model // self.num_heads
         z = torch.einsum("bthi,hio->btho", x.reshape(batch, steps, heads, head), self.weight)
-        z = z.reshape(batch, steps, heads, self.gates, head).transpose(2, 3)
-        return z.reshape(batch, steps, self.gates, self.d_model) + self.bias
+        # memory layout (gates, B, T, D): each gate's (B, T, D) slice is contiguous, which keeps
+        # the cell's elementwise ops on TensorIterator's fast path; returned as a (B, T, gates, D)
+        # view
+        z = z.reshape(batch, steps, heads, self.gates, head).permute(3, 0, 1, 2, 4)
+        z = z.reshape(self.gates, batch, steps, self.d_model) + self.bias.view(
+            self.gates, 1, 1, self.d_model)
+        return z.permute(1, 2, 0, 3)
 
     def _forward(self, x, state, lengths):
         batch, steps, _ = x.shape
