@@ -11,7 +11,7 @@ from typing import Any
 
 def default_model() -> dict[str, Any]:
     """A small byte-level LSTM language model (the ``recurra train`` default)."""
-    return {"architecture": "recurrent", "vocab_size": 256, "d_model": 256, "n_layers": 2,
+    return {"architecture": "recurrent", "vocab_size": 256, "d_model": 128, "n_layers": 2,
             "layer": "lstm", "layer_options": {}, "mlp_ratio": 2, "dropout": 0.0,
             "tie_weights": True}
 
@@ -23,20 +23,20 @@ class TrainConfig:
     #: text file or folder; None = the embedded pydoc corpus
     data: str | None = None
     #: tokens per stream per step (the truncated back-propagation window)
-    seq_len: int = 128
+    seq_len: int = 64
     #: parallel streams per process (with torchrun, each rank has its own)
     batch_size: int = 32
-    steps: int = 600
-    lr: float = 3e-3
+    steps: int = 150
+    lr: float = 4e-3
     #: the cosine decays to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 15
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     seed: int = 0
     #: evaluate (and checkpoint) every this many steps, and at the end
-    eval_every: int = 200
+    eval_every: int = 50
     #: parallel streams used to read the validation text
     eval_batch_size: int = 16
     out: str = "runs/default"

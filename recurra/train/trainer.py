@@ -91,18 +91,22 @@ def _set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(rng["cuda"], device)
 
 
-# Fields that fix what a resumed run computes; they must match the checkpoint's.
-_RESUME_FIXED = ("model", "data", "seq_len", "batch_size", "seed", "eval_batch_size")
+# A resumed run may change only these (the rest fixes what it computes, and the optimizer and
+# scheduler states restore lr, betas and weight decay, so a change there would be ignored).
+_RESUME_FREE = ("steps", "eval_every", "device", "out", "grad_clip")
 
 
-def _check_resumable(saved: dict, config: TrainConfig, world_size: int, state: dict) -> None:
+def _check_resumable(saved: dict, config: TrainConfig) -> None:
     current = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as saved
-    for name in _RESUME_FIXED:
-        if saved[name] != current[name]:
+    for name in sorted(set(current) - set(_RESUME_FREE)):
+        if saved.get(name) != current[name]:
             raise ValueError(
                 f"cannot resume: {name} is {current[name]!r} but the checkpoint was trained with "
-                f"{saved[name]!r}"
+                f"{saved.get(name)!r}"
             )
+
+
+def _check_world_size(state: dict, world_size: int) -> None:
     if len(state["ranks"]) != world_size:
         raise ValueError(
             f"cannot resume: the checkpoint holds {len(state['ranks'])} ranks' streams, this run "
@@ -166,10 +170,10 @@ def _train(config: TrainConfig, ctx: Distributed, resume: bool, stop_after: int 
     step, carried = 0, None
 
     if resume:
-        saved = ckpt.read_config(out)
+        _check_resumable(ckpt.read_config(out)["train"], config)
         step = ckpt.load_weights(model, out, device)
         state = ckpt.load_training_state(out, step)
-        _check_resumable(saved["train"], config, ctx.world_size, state)
+        _check_world_size(state, ctx.world_size)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         mine = state["ranks"][ctx.rank]
