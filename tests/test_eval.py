@@ -54,7 +54,7 @@ def test_suites_are_well_formed():
 
 
 def fake_train(calls, fail=()):
-    def train(cell, budget, on_step=None):
+    def train(cell, budget, on_step=None, cache_dir=None):
         calls.append(cell.cell_id())
         if cell.model in fail:
             raise RuntimeError(f"{cell.model} is broken")
@@ -125,3 +125,39 @@ def test_real_cells_smoke_lstm_solves_parity_and_unknown_layer_fails(tmp_path):
     assert ok["status"] == "ok", ok.get("error")
     assert ok["accuracy"]["16"]["last"] >= 0.95, ok["accuracy"]
     assert ok["final_loss"] < 0.1
+
+
+def test_test_time_options_reuse_the_trained_weights(tmp_path):
+    budget = replace(BUDGETS["smoke"], steps=3, n_test=8)
+    cells = [CellSpec("passkey", "gru", 60, (60,)), CellSpec("passkey@depth=1", "gru", 60, (60,))]
+    first, second = run_cells(cells, budget, str(tmp_path), progress=False)
+    assert first["status"] == second["status"] == "ok", (first.get("error"), second.get("error"))
+    assert "reused_training" not in first and second["reused_training"]
+    assert first["loss_curve"] == second["loss_curve"]
+
+
+def test_cli_writes_results_and_records_a_missing_layer(tmp_path, monkeypatch):
+    import argparse
+
+    from recurra.commands import eval as eval_command
+    from recurra.evaluation import specs
+
+    parser = argparse.ArgumentParser()
+    eval_command.register(parser.add_subparsers())  # only this subcommand: others may be mid-edit
+
+    def main(argv):
+        args = parser.parse_args(argv)
+        return args.func(args)
+
+    monkeypatch.setitem(specs.BUDGETS, "smoke", replace(BUDGETS["smoke"], steps=3, n_test=8))
+    out = str(tmp_path / "out")
+    code = main(["eval", "--tasks", "parity,copy", "--layers", "gru", "not_a_layer",
+                 "--budget", "smoke", "--train-length", "4", "--test-lengths", "4", "8",
+                 "--out", out])
+    assert code == 0
+    data = json.load(open(os.path.join(out, "results.json")))
+    status = {(c["task"], c["model"]): c["status"] for c in data["cells"]}
+    assert status == {("parity", "gru"): "ok", ("copy", "gru"): "ok",
+                      ("parity", "not_a_layer"): "failed", ("copy", "not_a_layer"): "failed"}
+    assert os.path.exists(os.path.join(out, "plot_parity.png"))
+    assert len(os.listdir(os.path.join(out, "cells"))) == 4

@@ -87,11 +87,17 @@ def run(args) -> int:
     out = args.out or f"benchmarks/results/eval/{name}-{args.budget}"
     command = "recurra " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv and sys.argv[0].endswith(("recurra", "__main__.py")) else "recurra eval"
-    results = run_cells(cells, budget, out, resume=not args.no_resume,
-                        log=lambda m: print(m, file=sys.stderr))
     from dataclasses import asdict
 
-    paths = write_report(out, results, f"recurra eval: {name} ({args.budget})", command,
+    title = f"recurra eval: {name} ({args.budget})"
+
+    def refresh(partial):  # keep results.md/json current while the grid runs
+        write_report(out, partial, title + " [in progress]", command, asdict(budget), plots=False)
+
+    results = run_cells(cells, budget, out, resume=not args.no_resume,
+                        log=lambda m: print(m, file=sys.stderr), on_cell=refresh)
+
+    paths = write_report(out, results, title, command,
                          asdict(budget), plots=not args.no_plots)
     failed = [r for r in results if r.get("status") != "ok"]
     print(f"{len(results) - len(failed)} cells ok, {len(failed)} failed; "

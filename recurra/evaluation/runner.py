@@ -1,6 +1,7 @@
 """Run a grid of cells: resumable, and one failing cell never loses the others.
 
-Each finished cell is written at once to ``OUT/cells/<cell id>.json`` (atomically) together with
+Trained weights are kept under ``OUT/models/`` so cells that differ only in test-time options
+train once. Each finished cell is written at once to ``OUT/cells/<cell id>.json`` (atomically) together with
 the hash of its configuration. A later run with the same output folder skips every cell whose file
 holds ``status: ok`` for the same configuration, and recomputes failed, missing or changed ones.
 A cell that raises (an unknown or broken layer, a NaN loss, ...) is recorded as
@@ -47,8 +48,13 @@ def write_json(path: str, data: Any) -> None:
 
 def run_cells(cells: Sequence[CellSpec], budget: Budget, out_dir: str, resume: bool = True,
               progress: bool = True, train_fn: TrainFn | None = None,
-              log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Run (or reuse) every cell; returns one result dict per cell, in order."""
+              log: Callable[[str], None] | None = None,
+              on_cell: Callable[[list[dict[str, Any]]], None] | None = None
+              ) -> list[dict[str, Any]]:
+    """Run (or reuse) every cell; returns one result dict per cell, in order.
+
+    ``on_cell(results so far)`` is called after every computed cell (e.g. to refresh a report).
+    """
     if train_fn is None:
         from .training import train_and_test as train_fn
     ids = [c.cell_id() for c in cells]
@@ -80,7 +86,8 @@ def run_cells(cells: Sequence[CellSpec], budget: Budget, out_dir: str, resume: b
 
             start = time.perf_counter()
             try:
-                result = train_fn(cell, budget, on_step=on_step)
+                result = train_fn(cell, budget, on_step=on_step,
+                                  cache_dir=os.path.join(out_dir, "models"))
             except Exception as e:  # noqa: BLE001 - a failing cell must not stop the grid
                 result = {
                     "status": "failed",
@@ -98,6 +105,8 @@ def run_cells(cells: Sequence[CellSpec], budget: Budget, out_dir: str, resume: b
             result["cell_id"] = cell.cell_id()
             write_json(cell_path(out_dir, cell), result)
             results.append(result)
+            if on_cell is not None:
+                on_cell(results)
             if bar is not None:
                 bar.update(1)
     finally:

@@ -4,8 +4,9 @@ Every suite tests one claim of the papers recurra follows (EVALUATION.md reports
 
 - ``state_tracking``: nonlinear RNNs (lstm, gru, slstm, paragru) track parity and S5 state at
   lengths where linear recurrences (linear_attention, mamba2, s4d) fail (FlashRNN, xLSTM);
-- ``jrt``: causal recall of set disjointness depends on which set comes first; reading the
-  context twice (JRT-Prompt) and the prefix-linear-attention ``jrt`` layer close the gap;
+- ``jrt``: causal recall of set disjointness depends on which set comes first (short set first
+  vs long set first); reading the context twice (JRT-Prompt, on the hard order) and the
+  prefix-linear-attention ``jrt`` layer close the gap;
 - ``stuffed_mamba``: mamba2 trained on short passkey contexts collapses beyond them; the test-time
   mitigations restore accuracy; passkey capacity grows with the state size;
 - ``length_generalisation``: copy and reverse beyond the training length, recurrent layers vs a
@@ -21,9 +22,10 @@ STATE_TRACKING_MODELS = ("lstm", "gru", "slstm", "paragru", "linear_attention", 
 JRT_MODELS = ("gru", "linear_attention", "mamba2", "jrt")
 LENGTH_MODELS = ("lstm", "gru", "linear_attention", "mamba2", "transformer")
 PASSKEY_STATE_SIZES = (4, 16, 64)
-#: test-time mitigations of state collapse, as mamba2 options after "@" (empty until mamba2
-#: offers them; see EVALUATION.md)
-PASSKEY_MITIGATIONS: tuple[str, ...] = ()
+#: training-free mitigations of state collapse (mamba2 options applied at test time only):
+#: forget more, remember less, and a sliding window shorter than the training length
+PASSKEY_MITIGATIONS = ("decay_scale=2", "insert_scale=0.5", "window=64")
+PASSKEY_TRAIN, PASSKEY_TESTS = 96, (96, 192, 384, 768)
 
 
 def _grid(tasks, models, train_length, test_lengths, seed):
@@ -36,21 +38,23 @@ def suite_cells(name: str, seed: int = 0) -> list[CellSpec]:
         return (_grid(["parity"], STATE_TRACKING_MODELS, 16, (8, 16, 32, 64, 128), seed)
                 + _grid(["s5"], STATE_TRACKING_MODELS, 16, (8, 16, 32, 64), seed))
     if name == "jrt":
-        tasks = [f"set_disjointness:order={order}" + (":jrt_prompt=true" if jrt else "")
-                 for jrt in (False, True) for order in ("short_first", "long_first")]
+        tasks = ["set_disjointness:order=short_first", "set_disjointness:order=long_first",
+                 "set_disjointness:order=long_first:jrt_prompt=true"]
         return _grid(tasks, JRT_MODELS, 16, (8, 16, 32, 48), seed)
     if name == "stuffed_mamba":
-        models = [f"mamba2:d_state={n}" for n in PASSKEY_STATE_SIZES]
-        models += [f"mamba2:d_state=16@{m}" for m in PASSKEY_MITIGATIONS]
-        models += ["gru"]
-        return _grid(["passkey"], models, 64, (64, 128, 256, 512), seed)
+        # capacity against state size: random needle depth (train and test)
+        capacity = [f"mamba2:d_state={n}" for n in PASSKEY_STATE_SIZES] + ["gru"]
+        # collapse and its fixes: the same trained d_state=16 model, needle at the end at test
+        collapse = ["mamba2:d_state=16"] + [f"mamba2:d_state=16@{m}" for m in PASSKEY_MITIGATIONS]
+        return (_grid(["passkey"], capacity, PASSKEY_TRAIN, PASSKEY_TESTS, seed)
+                + _grid(["passkey@depth=1"], collapse, PASSKEY_TRAIN, PASSKEY_TESTS, seed))
     if name == "length_generalisation":
         return _grid(["copy", "reverse"], LENGTH_MODELS, 16, (8, 16, 24, 32, 48, 64), seed)
     if name == "smoke":
         return (_grid(["parity"], ["lstm"], 16, (16, 32), seed)
                 + _grid(["set_disjointness:n_items=16:short_size=2"], ["gru"], 4, (4, 8), seed))
     if name == "default":
-        return [c for s in ("state_tracking", "jrt", "stuffed_mamba", "length_generalisation")
+        return [c for s in ("state_tracking", "jrt", "length_generalisation", "stuffed_mamba")
                 for c in suite_cells(s, seed)]
     raise ValueError(f"unknown suite {name!r}; known suites: {', '.join(SUITES)}")
 
@@ -62,10 +66,11 @@ def grid_cells(tasks, models, seed: int = 0, train_length: int | None = None,
                test_lengths=None) -> list[CellSpec]:
     """Cells for every (task, model) pair, with each task's default lengths unless given."""
     from ..tasks.registry import build_task
+    from .specs import split_test_options
 
     cells = []
     for t in tasks:
-        task = build_task(t)
+        task = build_task(split_test_options(t)[0])
         train = train_length or task.default_train_length
         tests = tuple(test_lengths or task.default_test_lengths)
         cells += [CellSpec(t, m, train, tests, seed) for m in models]

@@ -2,7 +2,10 @@
 
 The loss is cross-entropy at the answer positions of each batch (``batch.mask``); the model is
 any ``recurra.models`` language model (``logits = model(tokens)[0]``, one class per vocabulary
-token). Training is deterministic given the cell's seed: parameters are initialised under
+token). Training stops early once the loss has stayed near zero (``Budget.early_stop_loss``) and, as
+a safety net on a loaded machine, after ``Budget.max_train_seconds`` (the cell is then marked
+``time_capped`` and is no longer exactly reproducible). Otherwise it is deterministic given the
+cell's seed: parameters are initialised under
 ``torch.manual_seed``, batch b is ``task.sample(batch_size, L_b, seed=seed * 1_000_003 + b)``
 with L_b drawn from ``task.train_lengths(train_length)`` by a seeded generator, and the test set
 of each length is ``task.sample(n_test, L, seed=seed, split="test")``.
@@ -11,7 +14,10 @@ of each length is ``task.sample(n_test, L, seed=seed, split="test")``.
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
+from dataclasses import asdict
 from typing import Any, Callable
 
 import numpy as np
@@ -20,7 +26,7 @@ import torch.nn.functional as F
 
 from .metrics import Counts
 from .prefix_lm import set_prefix_length
-from .specs import Budget, CellSpec, ModelSpec, parse_model_spec
+from .specs import Budget, CellSpec, ModelSpec, config_hash, parse_model_spec, split_test_options
 
 EVAL_BATCH = 64
 
@@ -61,20 +67,19 @@ def lr_at(step: int, budget: Budget) -> float:
     return budget.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_and_test(cell: CellSpec, budget: Budget,
-                   on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train the cell's model and test it; returns the JSON-ready result (raises on failure)."""
+def train_model(cell: CellSpec, budget: Budget,
+                on_step: Callable[[int, float], None] | None = None):
+    """Train the cell's model on the training part of its task spec.
+
+    Returns ``(model, record)``; ``record`` is the JSON-ready training summary.
+    """
     from ..tasks.registry import build_task
 
-    task = build_task(cell.task)
+    task = build_task(split_test_options(cell.task)[0])
     spec = parse_model_spec(cell.model)
     task.check_length(cell.train_length)
-    for length in cell.test_lengths:
-        task.check_length(length)
-
     torch.manual_seed(cell.seed)
     model = build_cell_model(spec, task.vocab_size, budget)
-    n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=budget.lr, weight_decay=0.01)
     lengths = task.train_lengths(cell.train_length)
     length_rng = np.random.default_rng(cell.seed)
@@ -102,30 +107,76 @@ def train_and_test(cell: CellSpec, budget: Budget,
         losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
-    train_seconds = time.perf_counter() - start
+        if (budget.early_stop_loss and len(losses) >= budget.patience
+                and float(np.mean(losses[-budget.patience:])) < budget.early_stop_loss):
+            break
+    record = {
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "steps_done": len(losses),
+        "time_capped": time_capped,
+        "train_seconds": round(time.perf_counter() - start, 2),
+        "final_loss": float(np.mean(losses[-10:])) if losses else None,
+        "loss_curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]],
+    }
+    return model, record
 
+
+def training_key(cell: CellSpec, budget: Budget) -> str:
+    """Identity of a training run: cells that differ only in test-time options share it."""
+    return config_hash({"task": split_test_options(cell.task)[0],
+                        "model": cell.model.partition("@")[0],
+                        "train_length": cell.train_length, "seed": cell.seed,
+                        "budget": asdict(budget)})
+
+
+def train_and_test(cell: CellSpec, budget: Budget,
+                   on_step: Callable[[int, float], None] | None = None,
+                   cache_dir: str | None = None) -> dict[str, Any]:
+    """Train (or load the cached weights of) the cell's model and test it at every length.
+
+    With ``cache_dir``, trained weights are kept as ``cache_dir/<training key>.pt`` so cells
+    that differ only in test-time options (after ``@``) train once. Raises on failure.
+    """
+    from ..tasks.registry import build_task
+
+    train_spec, _ = split_test_options(cell.task)
+    test_task = build_task(cell.task.replace("@", ":", 1) if "@" in cell.task else cell.task)
+    spec = parse_model_spec(cell.model)
+    for length in cell.test_lengths:
+        test_task.check_length(length)
+    key = training_key(cell, budget)
+    path = os.path.join(cache_dir, key + ".pt") if cache_dir else None
+    if path and os.path.exists(path):
+        saved = torch.load(path, weights_only=False)
+        model = build_cell_model(spec, test_task.vocab_size, budget)
+        model.load_state_dict(saved["state_dict"])
+        record = dict(saved["record"], reused_training=key)
+    else:
+        model, record = train_model(cell, budget, on_step)
+        if path:
+            os.makedirs(cache_dir, exist_ok=True)
+            torch.save({"state_dict": model.state_dict(), "record": record}, path + ".tmp")
+            os.replace(path + ".tmp", path)
     if spec.test_layer_options:
-        test_model = build_cell_model(spec, task.vocab_size, budget, test_time=True)
+        test_model = build_cell_model(spec, test_task.vocab_size, budget, test_time=True)
         test_model.load_state_dict(model.state_dict())
     else:
         test_model = model
     start = time.perf_counter()
-    results = {str(length): test_at_length(test_model, task, length, budget.n_test, cell.seed)
-               for length in cell.test_lengths}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = {str(n): test_at_length(test_model, test_task, n, budget.n_test, cell.seed)
+                   for n in cell.test_lengths}
     return {
         "status": "ok",
         "task": cell.task,
-        "task_name": task.name,
+        "task_name": test_task.name,
         "model": cell.model,
-        "primary_metric": task.primary_metric,
+        "primary_metric": test_task.primary_metric,
         "train_length": cell.train_length,
-        "n_params": n_params,
-        "steps_done": len(losses),
-        "time_capped": time_capped,
-        "train_seconds": round(train_seconds, 2),
+        **record,
         "test_seconds": round(time.perf_counter() - start, 2),
-        "final_loss": float(np.mean(losses[-10:])) if losses else None,
-        "loss_curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]],
+        "test_warnings": sorted({str(w.message) for w in caught})[:5],
         "accuracy": results,
     }
 
