@@ -85,8 +85,9 @@ def run(args) -> int:
             cells = [c for c in cells if c.model in wanted or c.model.split(":")[0] in wanted]
         name = args.suite
     out = args.out or f"benchmarks/results/eval/{name}-{args.budget}"
-    command = "recurra " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
-        if sys.argv and sys.argv[0].endswith(("recurra", "__main__.py")) else "recurra eval"
+    argv = sys.argv[1:]
+    command = "recurra " + " ".join(shlex.quote(a) for a in argv) \
+        if argv[:1] == ["eval"] else "recurra eval"
     from dataclasses import asdict
 
     title = f"recurra eval: {name} ({args.budget})"
