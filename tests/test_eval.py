@@ -161,3 +161,22 @@ def test_cli_writes_results_and_records_a_missing_layer(tmp_path, monkeypatch):
                       ("parity", "not_a_layer"): "failed", ("copy", "not_a_layer"): "failed"}
     assert os.path.exists(os.path.join(out, "plot_parity.png"))
     assert len(os.listdir(os.path.join(out, "cells"))) == 4
+
+
+def test_prefix_layers_get_the_prompt_as_prefix():
+    from recurra.evaluation.prefix_lm import PrefixLM, set_prefix_length
+    from recurra.tasks.registry import build_task
+
+    torch.manual_seed(0)
+    task = build_task("set_disjointness:n_items=16:short_size=2")
+    model = PrefixLM(task.vocab_size, d_model=16, n_layers=1, layer="jrt",
+                     layer_options={"heads": 2})
+    batch = task.sample(4, 5, seed=0)
+    set_prefix_length(model, batch.mask)
+    assert model.mixers[0].prefix_length == task.sequence_length(5) - 1  # everything before ANS
+    # the first position reads the whole prefix (non-causal), so changing a later prefix token
+    # changes its output; the answer never is an input, so nothing leaks
+    logits = model(batch.inputs)[0]
+    changed = batch.inputs.clone()
+    changed[:, 3] = (changed[:, 3] + 1) % 16
+    assert not torch.allclose(model(changed)[0][:, 0], logits[:, 0])
