@@ -200,8 +200,13 @@ class StackedRNN(RecurrentLayer):
                 b = b_ih + b_hh
         else:
             b = None
-        wx = F.linear(x, w_ih, b)  # (B, T, G*H), one GEMM over all steps
-        wx = wx.view(B, T, G, N, dh).permute(1, 3, 0, 2, 4).reshape(T, N, B, G * dh)
+        # One GEMM over all steps, time-major, with the weight rows regrouped head by head so
+        # that wx[t] is a (N, B, G*dh) view: no copy of the gate tensor in either direction.
+        w_ih = w_ih.view(G, N, dh, -1).transpose(0, 1).reshape(G * H, -1)
+        if b is not None:
+            b = b.view(G, N, dh).transpose(0, 1).reshape(G * H)
+        wx = F.linear(x.transpose(0, 1), w_ih, b)  # (T, B, N*G*dh)
+        wx = wx.view(T, B, N, G * dh).transpose(1, 2)
         r = w_hh.view(G, N, dh, dh).permute(1, 3, 0, 2).reshape(N, dh, G * dh)
         heads0 = tuple(s.view(B, N, dh).transpose(0, 1) for s in s0)
         states = recurrence(self.cell, wx, r, heads0, bias_hn=bias_hn,

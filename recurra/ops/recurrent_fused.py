@@ -79,12 +79,27 @@ def _shifted(first: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
     return torch.cat([first.unsqueeze(0), seq[:-1]], 0)
 
 
-def _weight_grad(h_prev: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """sum_t h_prev[t]^T d[t] per head: (T,N,B,dh) x (T,N,B,K) -> (N, dh, K), one bmm."""
-    T, N, B, dh = h_prev.shape
-    a = h_prev.permute(1, 3, 0, 2).reshape(N, dh, T * B)
-    b = d.permute(1, 0, 2, 3).reshape(N, T * B, d.shape[-1])
-    return torch.bmm(a, b)
+def _steps(like: torch.Tensor, *inner: int, dtype=None) -> torch.Tensor:
+    """An empty (T, N, B, *inner) buffer stored time-, batch-, then head-major.
+
+    The layers hand the ops ``wx`` as a (T, N, B, .) view of a (T, B, N, .) tensor (the input
+    projection computed time-major), so buffers in that order make every per-step slice and the
+    gradient returned for ``wx`` free of copies.
+    """
+    T, N, B = like.shape[:3]
+    return torch.empty((T, B, N, *inner), dtype=dtype or like.dtype,
+                       device=like.device).transpose(1, 2)
+
+
+def _weight_grad(h0: torch.Tensor, hs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """sum_t h_{t-1}^T d_t per head, h_{-1} = h0: (N, dh, K) from two batched matmuls."""
+    T, N, B, dh = hs.shape
+    out = torch.bmm(h0.transpose(1, 2), d[0])
+    if T > 1:
+        a = hs[:-1].transpose(0, 1).reshape(N, (T - 1) * B, dh)
+        b = d[1:].transpose(0, 1).reshape(N, (T - 1) * B, d.shape[-1])
+        out = out.baddbmm_(a.transpose(1, 2), b)
+    return out
 
 
 class _LSTM(Function):
@@ -92,9 +107,9 @@ class _LSTM(Function):
     def forward(ctx, wx, r, h0, c0):
         T, N, B, G = wx.shape
         dh = G // 4
-        acts = torch.empty_like(wx)
-        hs = wx.new_empty(T, N, B, dh)
-        cs = wx.new_empty(T, N, B, dh)
+        acts = _steps(wx, G)
+        hs = _steps(wx, dh)
+        cs = _steps(wx, dh)
         tmp = wx.new_empty(N, B, dh)
         pre = wx.new_empty(N, B, G)
         pre_g = pre[..., 2 * dh:3 * dh]
@@ -127,7 +142,7 @@ class _LSTM(Function):
         A = o * (1 - tc * tc)
         K = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g),
                          tc * o * (1 - o)], 3)
-        D = torch.empty_like(a)
+        D = _steps(a, 4, dh_)
         K3, Ko = K[..., :3, :].unbind(0), K[..., 3, :].unbind(0)
         D3, Do = D[..., :3, :].unbind(0), D[..., 3, :].unbind(0)
         Dflat = D.view(T, N, B, G).unbind(0)
@@ -143,8 +158,7 @@ class _LSTM(Function):
             dcn = dc_t * f_s[t]
             dhn = torch.bmm(Dflat[t], rT)
         Dg = D.view(T, N, B, G)
-        dr = _weight_grad(_shifted(h0, hs), Dg)
-        return Dg, dr, dhn, dcn
+        return Dg, _weight_grad(h0, hs, Dg), dhn, dcn
 
 
 class _GRU(Function):
@@ -152,10 +166,10 @@ class _GRU(Function):
     def forward(ctx, wx, r, bias_hn, h0):
         T, N, B, G = wx.shape
         dh = G // 3
-        rz = wx.new_empty(T, N, B, 2 * dh)
-        ns = wx.new_empty(T, N, B, dh)
-        hrn = wx.new_empty(T, N, B, dh)
-        hs = wx.new_empty(T, N, B, dh)
+        rz = _steps(wx, 2 * dh)
+        ns = _steps(wx, dh)
+        hrn = _steps(wx, dh)
+        hs = _steps(wx, dh)
         hr = wx.new_empty(N, B, G)
         diff = wx.new_empty(N, B, dh)
         bias = torch.cat([bias_hn.new_zeros(N, 1, 2 * dh), bias_hn], -1).expand(N, B, G)
@@ -184,7 +198,7 @@ class _GRU(Function):
         # D = K * dh with K = [K_r, K_z, K_hn, K_n]: the first three are d(R h) (r, z, n parts),
         # and (K_r, K_z, K_n) are d(wx).
         K = torch.stack([kn * hrn * rr * (1 - rr), (h_prev - ns) * z * (1 - z), kn * rr, kn], 3)
-        D = torch.empty_like(K)
+        D = _steps(K, 4, dh)
         K_s, D_s, z_s, dhs_s = K.unbind(0), D.unbind(0), z.unbind(0), dhs.unbind(0)
         rT = r.transpose(1, 2)
         dhn = torch.zeros_like(h0)
@@ -193,8 +207,11 @@ class _GRU(Function):
             torch.mul(K_s[t], dh_t.unsqueeze(-2), out=D_s[t])
             dhn = torch.baddbmm(dh_t * z_s[t], D_s[t][..., :3, :].reshape(N, B, 3 * dh), rT)
         dhr = D[..., :3, :].reshape(T, N, B, 3 * dh)
-        dwx = torch.cat([D[..., :2, :], D[..., 3:, :]], 3).reshape(T, N, B, 3 * dh)
-        dr = _weight_grad(h_prev, dhr)
+        dwx = _steps(D, 3, dh)
+        dwx[..., :2, :] = D[..., :2, :]
+        dwx[..., 2, :] = D[..., 3, :]
+        dwx = dwx.view(T, N, B, 3 * dh)
+        dr = _weight_grad(h0, hs, dhr)
         dbias = D[..., 2, :].sum((0, 2)).unsqueeze(1)
         return dwx, dr, dbias, dhn
 
@@ -203,7 +220,7 @@ class _Elman(Function):
     @staticmethod
     def forward(ctx, wx, r, h0, relu):
         T, N, B, dh = wx.shape
-        hs = torch.empty_like(wx)
+        hs = _steps(wx, dh)
         act = torch.relu_ if relu else torch.tanh_
         h = h0
         for wx_t, h_t in zip(wx.unbind(0), hs.unbind(0)):
@@ -218,14 +235,14 @@ class _Elman(Function):
     def backward(ctx, dhs):
         r, h0, hs = ctx.saved_tensors
         K = (hs > 0).to(hs.dtype) if ctx.relu else 1 - hs * hs
-        D = torch.empty_like(hs)
+        D = _steps(hs, hs.shape[-1])
         rT = r.transpose(1, 2)
         dhn = torch.zeros_like(h0)
         K_s, D_s, dhs_s = K.unbind(0), D.unbind(0), dhs.unbind(0)
         for t in range(hs.shape[0] - 1, -1, -1):
             torch.mul(dhs_s[t] + dhn, K_s[t], out=D_s[t])
             dhn = torch.bmm(D_s[t], rT)
-        return D, _weight_grad(_shifted(h0, hs), D), dhn, None
+        return D, _weight_grad(h0, hs, D), dhn, None
 
 
 class _SLSTM(Function):
@@ -234,10 +251,10 @@ class _SLSTM(Function):
         T, N, B, G = wx.shape
         dh = G // 4
         # saved per step: i, f, z, o (activated), sigmoid(-f~), [i~ > log sigmoid(f~) + m]
-        acts = wx.new_empty(T, N, B, 4, dh)
-        sf = wx.new_empty(T, N, B, dh)
-        sel = torch.empty(T, N, B, dh, dtype=torch.bool, device=wx.device)
-        hs, cs, ns, ms = (wx.new_empty(T, N, B, dh) for _ in range(4))
+        acts = _steps(wx, 4, dh)
+        sf = _steps(wx, dh)
+        sel = _steps(wx, dh, dtype=torch.bool)
+        hs, cs, ns, ms = (_steps(wx, dh) for _ in range(4))
         g = wx.new_empty(N, B, G)
         lfm = wx.new_empty(N, B, dh)
         tmp = wx.new_empty(N, B, dh)
@@ -276,7 +293,7 @@ class _SLSTM(Function):
         a3 = cs / ns * o * (1 - o)       # d o~ = d h_t * c / n * o (1 - o)
         a4 = i * (1 - z * z)             # d z~ = d c_t * i (1 - z^2)
         c_prev, n_prev = _shifted(c0, cs), _shifted(n0, ns)
-        D = torch.empty_like(acts)       # d (i~, f~, z~, o~)
+        D = _steps(acts, 4, dh)          # d (i~, f~, z~, o~)
         rT = r.transpose(1, 2)
         dhn = torch.zeros_like(h0)
         dcn = torch.zeros_like(h0)
@@ -305,5 +322,4 @@ class _SLSTM(Function):
             dmn = dl
             dhn = torch.bmm(D_t.view(N, B, 4 * dh), rT)
         Dg = D.view(T, N, B, 4 * dh)
-        dr = _weight_grad(_shifted(h0, hs), Dg)
-        return Dg, dr, dhn, dcn, dnn, dmn
+        return Dg, _weight_grad(h0, hs, Dg), dhn, dcn, dnn, dmn
