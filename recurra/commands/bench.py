@@ -13,11 +13,17 @@ _NOT_SUITES = {"harness"}
 
 
 def suites() -> list[str]:
+    """Modules of recurra.bench that define a suite (DESCRIPTION, add_arguments, run); other
+    modules there are helpers shared by suites."""
     package = importlib.import_module("recurra.bench")
-    return sorted(
-        i.name for i in pkgutil.iter_modules(package.__path__)
-        if not i.name.startswith("_") and i.name not in _NOT_SUITES
-    )
+    names = []
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_") or info.name in _NOT_SUITES:
+            continue
+        module = importlib.import_module(f"recurra.bench.{info.name}")
+        if all(hasattr(module, a) for a in ("DESCRIPTION", "add_arguments", "run")):
+            names.append(info.name)
+    return sorted(names)
 
 
 def register(subparsers) -> None:
