@@ -168,30 +168,29 @@ class _GRU(Function):
         dh = G // 3
         rz = _steps(wx, 2 * dh)
         ns = _steps(wx, dh)
-        hrn = _steps(wx, dh)
+        hr = _steps(wx, G)  # R h + (0, 0, b_hn), kept for the backward
         hs = _steps(wx, dh)
-        hr = wx.new_empty(N, B, G)
         diff = wx.new_empty(N, B, dh)
         bias = torch.cat([bias_hn.new_zeros(N, 1, 2 * dh), bias_hn], -1).expand(N, B, G)
         h = h0
-        for wx_t, rz_t, n_t, hrn_t, h_t in zip(wx.unbind(0), rz.unbind(0), ns.unbind(0),
-                                                hrn.unbind(0), hs.unbind(0)):
-            torch.baddbmm(bias, h, r, out=hr)
-            torch.add(wx_t[..., :2 * dh], hr[..., :2 * dh], out=rz_t)
+        for wx_t, rz_t, n_t, hr_t, h_t in zip(wx.unbind(0), rz.unbind(0), ns.unbind(0),
+                                               hr.unbind(0), hs.unbind(0)):
+            torch.baddbmm(bias, h, r, out=hr_t)
+            torch.add(wx_t[..., :2 * dh], hr_t[..., :2 * dh], out=rz_t)
             torch.sigmoid(rz_t, out=rz_t)
-            hrn_t.copy_(hr[..., 2 * dh:])
-            torch.addcmul(wx_t[..., 2 * dh:], rz_t[..., :dh], hrn_t, out=n_t)
+            torch.addcmul(wx_t[..., 2 * dh:], rz_t[..., :dh], hr_t[..., 2 * dh:], out=n_t)
             torch.tanh(n_t, out=n_t)
             torch.sub(h, n_t, out=diff)
             torch.addcmul(n_t, rz_t[..., dh:], diff, out=h_t)
             h = h_t
-        ctx.save_for_backward(r, h0, rz, ns, hrn, hs)
+        ctx.save_for_backward(r, h0, rz, ns, hr, hs)
         return hs
 
     @staticmethod
     def backward(ctx, dhs):
-        r, h0, rz, ns, hrn, hs = ctx.saved_tensors
+        r, h0, rz, ns, hr, hs = ctx.saved_tensors
         T, N, B, dh = hs.shape
+        hrn = hr[..., 2 * dh:]
         rr, z = rz[..., :dh], rz[..., dh:]
         h_prev = _shifted(h0, hs)
         kn = (1 - z) * (1 - ns * ns)
