@@ -105,9 +105,11 @@ def test_report_files(tmp_path):
     from dataclasses import asdict
 
     paths = write_report(out, results, "t", "recurra eval x", asdict(BUDGETS["smoke"]))
-    data = json.load(open(paths["json"]))
+    with open(paths["json"]) as f:
+        data = json.load(f)
     assert [c["status"] for c in data["cells"]] == ["ok", "failed"]
-    md = open(paths["markdown"]).read()
+    with open(paths["markdown"]) as f:
+        md = f.read()
     assert "| `a` | 0.75 | 0.75 |" in md and "8*" in md
     assert "`bad`: RuntimeError: bad is broken" in md
     assert os.path.getsize(paths["parity"]) > 1000  # a PNG was drawn
@@ -155,7 +157,8 @@ def test_cli_writes_results_and_records_a_missing_layer(tmp_path, monkeypatch):
                  "--budget", "smoke", "--train-length", "4", "--test-lengths", "4", "8",
                  "--out", out])
     assert code == 0
-    data = json.load(open(os.path.join(out, "results.json")))
+    with open(os.path.join(out, "results.json")) as f:
+        data = json.load(f)
     status = {(c["task"], c["model"]): c["status"] for c in data["cells"]}
     assert status == {("parity", "gru"): "ok", ("copy", "gru"): "ok",
                       ("parity", "not_a_layer"): "failed", ("copy", "not_a_layer"): "failed"}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .runner import write_json
 
@@ -46,9 +47,9 @@ def markdown(results: Sequence[dict[str, Any]], title: str, command: str,
     ]
     failed = []
     for task, group in group_by_task(results).items():
-        lengths = sorted({int(k) for r in group for k in (r.get("accuracy") or {})}) or \
-            sorted(set(int(x) for r in group for x in r.get("config", {}).get("cell", {})
-                       .get("test_lengths", [])))
+        lengths = sorted({int(k) for r in group for k in (r.get("accuracy") or {})}
+                         | {int(x) for r in group
+                            for x in r.get("config", {}).get("cell", {}).get("test_lengths", [])})
         train = group[0].get("train_length")
         metric = next((r["primary_metric"] for r in group if r.get("status") == "ok"), "?")
         lines.append(f"### `{task}` (train length {train}, metric: {metric} accuracy)")

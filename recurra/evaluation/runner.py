@@ -15,7 +15,8 @@ import json
 import os
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .specs import Budget, CellSpec, config_hash
 

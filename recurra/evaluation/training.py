@@ -17,8 +17,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +140,6 @@ def train_and_test(cell: CellSpec, budget: Budget,
     """
     from ..tasks.registry import build_task
 
-    train_spec, _ = split_test_options(cell.task)
     test_task = build_task(cell.task.replace("@", ":", 1) if "@" in cell.task else cell.task)
     spec = parse_model_spec(cell.model)
     for length in cell.test_lengths:
