@@ -78,6 +78,33 @@ def test_bad_cli_input(tmp_path, text_file):
         main(["train", "--resume", "--out", str(tmp_path / "nothing")])
 
 
+def test_transformer_baseline_trains_and_samples(tmp_path, text_file, capsys):
+    out = tmp_path / "tf"
+    assert main(tiny_args(text_file, out, "--steps", "2", "--layer", "transformer",
+                          "--layer-opt", "n_heads=2", "--sample-tokens", "0")) == 0
+    config = json.loads((out / "config.json").read_text())["train"]["model"]
+    assert config["architecture"] == "transformer" and config["n_heads"] == 2
+    assert config["d_model"] == 16 and config["mlp_ratio"] == 2
+    capsys.readouterr()
+    assert main(["sample", str(out), "--prompt", "ab", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    model = load_model(out)
+    ids = list(b"ab")
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert capsys.readouterr().out.rstrip("\n") == bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_cli_defaults_are_the_train_config_defaults():
+    from recurra.cli import build_parser
+    from recurra.commands.train import build_config
+    from recurra.train.config import TrainConfig
+
+    args = build_parser().parse_args(["train"])
+    assert build_config(args) == TrainConfig(out="runs/default")
+
+
 def test_layer_options_and_values():
     assert [parse_value(v) for v in ("3", "0.5", "true", "False", "tanh", "1e-3")] == \
         [3, 0.5, True, False, "tanh", 1e-3]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 from pydoc_data.topics import topics
+
+import pytest
 
 from recurra.tasks.byte_tokenizer import ByteTokenizer
 from recurra.tasks.corpus import load_corpus

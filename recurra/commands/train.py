@@ -28,15 +28,15 @@ def register(subparsers) -> None:
     m.add_argument("--dropout", type=float, help="dropout (default 0)")
     t = p.add_argument_group("training")
     t.add_argument("--data", help="text file or folder (default: the embedded pydoc corpus)")
-    t.add_argument("--seq-len", type=int, help="tokens per stream per step (default 64)")
-    t.add_argument("--batch-size", type=int, help="streams per process (default 32)")
-    t.add_argument("--steps", type=int, help="optimizer steps (default 150)")
+    t.add_argument("--seq-len", type=int, help="tokens per stream per step (default 32)")
+    t.add_argument("--batch-size", type=int, help="streams per process (default 64)")
+    t.add_argument("--steps", type=int, help="optimizer steps (default 200)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 4e-3)")
-    t.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 15)")
+    t.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 20)")
     t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     t.add_argument("--grad-clip", type=float, help="gradient norm clip (default 1.0)")
     t.add_argument("--seed", type=int, help="random seed (default 0)")
-    t.add_argument("--eval-every", type=int, help="evaluate + checkpoint every N steps (default 50)")
+    t.add_argument("--eval-every", type=int, help="evaluate + checkpoint every N steps (default 100)")
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     t.add_argument("--out", default="runs/default", help="checkpoint folder (default runs/default)")
     t.add_argument("--resume", action="store_true",
@@ -76,8 +76,8 @@ def model_config(args, base: dict) -> dict:
     """The model config: ``base`` with the model flags that were given applied."""
     config = dict(base)
     if args.layer == "transformer":
-        config = {"architecture": "transformer", "vocab_size": 256,
-                  "d_model": base.get("d_model"), "n_layers": base.get("n_layers")}
+        shared = ("vocab_size", "d_model", "n_layers", "mlp_ratio", "dropout", "tie_weights")
+        config = {"architecture": "transformer", **{k: base[k] for k in shared if k in base}}
     elif args.layer is not None:
         config["architecture"], config["layer"] = "recurrent", args.layer
     options = layer_options(args)

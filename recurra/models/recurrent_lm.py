@@ -16,8 +16,9 @@ chunks (stateful truncated back-propagation) and generation needs only ``model.s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -23,22 +23,22 @@ class TrainConfig:
     #: text file or folder; None = the embedded pydoc corpus
     data: str | None = None
     #: tokens per stream per step (the truncated back-propagation window)
-    seq_len: int = 64
+    seq_len: int = 32
     #: parallel streams per process (with torchrun, each rank has its own)
-    batch_size: int = 32
-    steps: int = 150
+    batch_size: int = 64
+    steps: int = 200
     lr: float = 4e-3
     #: the cosine decays to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 15
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     seed: int = 0
     #: evaluate (and checkpoint) every this many steps, and at the end
-    eval_every: int = 50
+    eval_every: int = 100
     #: parallel streams used to read the validation text
-    eval_batch_size: int = 16
+    eval_batch_size: int = 32
     out: str = "runs/default"
     #: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     device: str = "auto"

@@ -244,7 +244,7 @@ def _train(config: TrainConfig, ctx: Distributed, resume: bool, stop_after: int 
                 say(f"step {step}: validation {val_loss:.4f} nats = {bits(val_loss):.3f} bits "
                     f"per byte (unigram baseline {unigram_bpb:.3f})")
             _save(ctx, out, model, config, step, optimizer, scheduler, carried)
-    if step == last and last != config.steps and not (step % config.eval_every == 0):
+    if step == last and last != config.steps and step % config.eval_every != 0:
         _save(ctx, out, model, config, step, optimizer, scheduler, carried)  # clean stop
     bar.close()
     result.step = step
