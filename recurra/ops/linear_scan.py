@@ -85,26 +85,53 @@ def _check(a, b, initial_state, reverse, method):
 
 
 # ------------------------------------------------------------------------------- primitives
-def _apply(a: torch.Tensor, h: torch.Tensor, block: bool) -> torch.Tensor:
-    """a * h (diagonal) or a @ h on the last axes (blocks)."""
-    if not block:
+# Layout kinds: "diag" (elementwise); "block" (K x K blocks on the last axes, as the user gives
+# them); "soa" (small blocks stored component-major, a (B, T, K, K, R) and h (B, T, K, R) with the
+# R channels innermost, so every block entry is a contiguous run of channels: the fast path).
+_SOA_MAX_K = 4
+
+
+def _apply(a: torch.Tensor, h: torch.Tensor, kind: str) -> torch.Tensor:
+    """a * h (diag), a @ h on the last axes (block), or the same product in soa layout."""
+    if kind == "diag":
         return a * h
-    if a.shape[-1] <= 4:  # tiny blocks: broadcast-and-sum beats batched matmul dispatch
-        return (a * h.unsqueeze(-2)).sum(-1)
+    if kind == "soa":  # out[i, r] = sum_j a[i, j, r] h[j, r], unrolled over the small K
+        k = h.shape[-2]
+        out = a[..., :, 0, :] * h[..., 0:1, :]
+        for j in range(1, k):
+            out = out + a[..., :, j, :] * h[..., j:j + 1, :]
+        return out
     return (a @ h.unsqueeze(-1)).squeeze(-1)
 
 
-def _compose(a_later: torch.Tensor, a_earlier: torch.Tensor, block: bool) -> torch.Tensor:
-    """Coefficient of two consecutive steps: a_later * a_earlier (or a_later @ a_earlier)."""
-    if not block:
+def _compose(a_later: torch.Tensor, a_earlier: torch.Tensor, kind: str) -> torch.Tensor:
+    """Coefficient of two consecutive steps: a_later * a_earlier (or the matrix product)."""
+    if kind == "diag":
         return a_later * a_earlier
-    if a_later.shape[-1] <= 4:
-        return (a_later.unsqueeze(-1) * a_earlier.unsqueeze(-3)).sum(-2)
+    if kind == "soa":  # c[i, j, r] = sum_k a[i, k, r] b[k, j, r], unrolled over the small K
+        k = a_later.shape[-2]
+        out = a_later[..., :, 0:1, :] * a_earlier[..., 0:1, :, :]
+        for m in range(1, k):
+            out = out + a_later[..., :, m:m + 1, :] * a_earlier[..., m:m + 1, :, :]
+        return out
     return a_later @ a_earlier
 
 
-def _transpose(a: torch.Tensor, block: bool) -> torch.Tensor:
-    return a.transpose(-1, -2) if block else a
+def _transpose(a: torch.Tensor, kind: str) -> torch.Tensor:
+    return a if kind == "diag" else a.transpose(-1, -2)
+
+
+def _to_soa(a, b, h0):
+    """(B, T, *rest, K, K), (B, T, *rest, K), (B, *rest, K) -> soa layout with R = prod(rest)."""
+    batch, steps, k = b.shape[0], b.shape[1], b.shape[-1]
+    a = a.reshape(batch, steps, -1, k, k).permute(0, 1, 3, 4, 2).contiguous()
+    b = b.reshape(batch, steps, -1, k).permute(0, 1, 3, 2).contiguous()
+    h0 = h0.reshape(batch, -1, k).permute(0, 2, 1).contiguous()
+    return a, b, h0
+
+
+def _from_soa(h, shape):
+    return h.permute(0, 1, 3, 2).reshape(shape)
 
 
 # ------------------------------------------------------------------------------- reference
@@ -114,17 +141,17 @@ def linear_scan_reference(a: torch.Tensor, b: torch.Tensor,
     """The plain loop ``h_t = a_t h_{t-1} + b_t`` (autograd through it); same API as
     :func:`linear_scan`."""
     block = _check(a, b, initial_state, reverse, "reference")
-    return _loop(a, b, initial_state, reverse, block)
+    return _loop(a, b, initial_state, reverse, "block" if block else "diag")
 
 
-def _loop(a, b, h, reverse, block):
+def _loop(a, b, h, reverse, kind):
     if h is None:
         h = b.new_zeros((b.shape[0],) + tuple(b.shape[2:]))
     a_steps, b_steps = a.unbind(1), b.unbind(1)
     order = range(len(b_steps) - 1, -1, -1) if reverse else range(len(b_steps))
     out = [None] * len(b_steps)
     for t in order:
-        h = _apply(a_steps[t], h, block) + b_steps[t]
+        h = _apply(a_steps[t], h, kind) + b_steps[t]
         out[t] = h
     if not out:
         return b.clone()
@@ -132,29 +159,29 @@ def _loop(a, b, h, reverse, block):
 
 
 # ------------------------------------------------------------------------------- fast forwards
-def _oddeven(a, b, h0, block):
+def _oddeven(a, b, h0, kind):
     """Forward scan by odd/even recursion (no autograd needed: called under no_grad)."""
     steps = b.shape[1]
     if steps <= _SMALL_T:
-        return _loop(a, b, h0, False, block)
+        return _loop(a, b, h0, False, kind)
     if steps % 2:
-        head = _oddeven(a[:, :-1], b[:, :-1], h0, block)
-        last = _apply(a[:, -1], head[:, -1], block) + b[:, -1]
+        head = _oddeven(a[:, :-1], b[:, :-1], h0, kind)
+        last = _apply(a[:, -1], head[:, -1], kind) + b[:, -1]
         return torch.cat([head, last.unsqueeze(1)], 1)
     a_e, a_o = a[:, 0::2], a[:, 1::2]
     b_e, b_o = b[:, 0::2], b[:, 1::2]
     # h_{2i+1} = a_{2i+1} (a_{2i} h_{2i-1} + b_{2i}) + b_{2i+1}
-    h_o = _oddeven(_compose(a_o, a_e, block), _apply(a_o, b_e, block) + b_o, h0, block)
+    h_o = _oddeven(_compose(a_o, a_e, kind), _apply(a_o, b_e, kind) + b_o, h0, kind)
     prev = torch.cat([h0.unsqueeze(1), h_o[:, :-1]], 1)
-    h_e = _apply(a_e, prev, block) + b_e
+    h_e = _apply(a_e, prev, kind) + b_e
     return torch.stack([h_e, h_o], 2).reshape(b.shape)
 
 
-def _chunked(a, b, h0, block):
+def _chunked(a, b, h0, kind):
     """Forward scan in two levels: inside chunks (vectorised over chunks), then across chunks."""
     steps = b.shape[1]
     if steps <= _SMALL_T:
-        return _loop(a, b, h0, False, block)
+        return _loop(a, b, h0, False, kind)
     size = max(1, int(math.isqrt(steps)))
     chunks = -(-steps // size)
     pad = chunks * size - steps
@@ -170,8 +197,8 @@ def _chunked(a, b, h0, block):
     local.append(h)
     coef.append(c)
     for i in range(1, size):
-        h = _apply(a[:, :, i], h, block) + b[:, :, i]
-        c = _compose(a[:, :, i], c, block)
+        h = _apply(a[:, :, i], h, kind) + b[:, :, i]
+        c = _compose(a[:, :, i], c, kind)
         local.append(h)
         coef.append(c)
     local = torch.stack(local, 2)  # (B, C, L, ...)
@@ -180,10 +207,10 @@ def _chunked(a, b, h0, block):
     carries = [h0]
     h = h0
     for j in range(chunks - 1):
-        h = _apply(coef[:, j, -1], h, block) + local[:, j, -1]
+        h = _apply(coef[:, j, -1], h, kind) + local[:, j, -1]
         carries.append(h)
     carries = torch.stack(carries, 1).unsqueeze(2)  # (B, C, 1, ...)
-    out = local + _apply(coef, carries, block)
+    out = local + _apply(coef, carries, kind)
     out = out.reshape((b.shape[0], chunks * size) + tuple(b.shape[3:]))
     return out[:, :steps]
 
@@ -197,7 +224,10 @@ class _LinearScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, h0, method, block):
         with torch.no_grad():
-            h = _FORWARDS[method](a, b, h0, block)
+            if block and b.shape[-1] <= _SOA_MAX_K:
+                h = _from_soa(_FORWARDS[method](*_to_soa(a, b, h0), "soa"), b.shape)
+            else:
+                h = _FORWARDS[method](a, b, h0, "block" if block else "diag")
         ctx.save_for_backward(a, h0, h)
         ctx.method, ctx.block = method, block
         return h
@@ -206,15 +236,16 @@ class _LinearScan(torch.autograd.Function):
     def backward(ctx, grad_h):
         a, h0, h = ctx.saved_tensors
         method, block = ctx.method, ctx.block
+        kind = "block" if block else "diag"
         # lambda_t = g_t + a_{t+1}^T lambda_{t+1}: a forward scan on the flipped sequence whose
         # coefficient at flipped position s >= 1 is a_{T-s}^T (position 0 multiplies a zero state)
-        a_t = _transpose(a, block).flip(1)
+        a_t = _transpose(a, kind).flip(1)
         coef = torch.cat([torch.zeros_like(a_t[:, :1]), a_t[:, :-1]], 1)
         lam = _LinearScan.apply(coef, grad_h.flip(1), torch.zeros_like(h0), method,
                                 block).flip(1)
         h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], 1)
         grad_a = lam.unsqueeze(-1) * h_prev.unsqueeze(-2) if block else lam * h_prev
-        grad_h0 = _apply(_transpose(a[:, 0], block), lam[:, 0], block)
+        grad_h0 = _apply(_transpose(a[:, 0], kind), lam[:, 0], kind)
         return grad_a, lam, grad_h0, None, None
 
 
@@ -235,7 +266,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | 
     """
     block = _check(a, b, initial_state, reverse, method)
     if method == "reference":
-        return _loop(a, b, initial_state, reverse, block)
+        return _loop(a, b, initial_state, reverse, "block" if block else "diag")
     if b.shape[1] == 0:
         return b.clone()
     h0 = initial_state
