@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import argparse
 
+DESCRIPTION = """\
+Train a byte-level language model: by default a small LSTM on the embedded pydoc corpus (a few
+minutes on two CPU cores); then print validation bits per byte next to a unigram baseline, and a
+sample. Checkpoints go to --out; --resume continues a run exactly.
+Data parallel: torchrun --nproc_per_node=N -m recurra train ...  (see docs/training.md)"""
+
 # flags that map one-to-one onto TrainConfig fields
 _TRAIN_FLAGS = ("seq_len", "batch_size", "steps", "lr", "warmup_steps", "weight_decay",
                 "grad_clip", "seed", "eval_every", "device", "data")
@@ -15,8 +21,8 @@ _TRAIN_FLAGS = ("seq_len", "batch_size", "steps", "lr", "warmup_steps", "weight_
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a byte-level language model (default: small LSTM, pydoc text)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    m = p.add_argument_group("model (ignored with --resume unless given: then it must match)")
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model (with --resume: taken from the checkpoint; a flag given must match)")
     m.add_argument("--layer", help="registered layer name (see `recurra layers`), or "
                    "'transformer'; default lstm")
     m.add_argument("--mode", help="forwarded as the layer option `mode` (e.g. for paragru)")
