@@ -80,7 +80,7 @@ def test_greedy_speculative_bit_identical(name, procs):
         ids = prompt(seed, 4 + 5 * seed)
         ref = generate(model, ids, 30, **kw).tokens[0].tolist()
         cont = ref
-        drafters = ["prompt_lookup", "token_recycling", Drafter(), RandomDrafter(seed),
+        drafters = ["prompt_lookup", "token_recycling", "aded", Drafter(), RandomDrafter(seed),
                     OracleDrafter(ids[0].tolist(), cont), OracleDrafter(ids[0].tolist(), cont,
                                                                         depth=3, tree=True)]
         for d in drafters:
@@ -119,7 +119,7 @@ def test_sampling_speculative_reproduces_plain_sampling(name):
     for seed in range(3):
         ref = generate(model, ids, 30, seed=seed, **kw).tokens[0].tolist()
         full = ids[0].tolist() + ref
-        for spec in ["prompt_lookup", "token_recycling", RandomDrafter(seed),
+        for spec in ["prompt_lookup", "token_recycling", "aded", RandomDrafter(seed),
                      OracleDrafter(ids[0].tolist(), ref, tree=True)]:
             out = generate(model, ids, 30, seed=seed, speculative=spec, **kw)
             assert out.tokens[0].tolist() == ref, (spec, seed)

@@ -93,6 +93,21 @@ class HFSession(DecodeSession):
         self.length += keep
         self._tree = None
 
+    def snapshot(self):
+        layers = _cache_layers(self.cache) if self.length else []
+        return ([(layer.keys, layer.values) for layer in layers], self.length, self.batch_size)
+
+    def restore(self, snapshot) -> None:
+        from transformers import DynamicCache
+
+        tensors, self.length, self.batch_size = snapshot
+        if not self.length:
+            self.cache = DynamicCache(config=self.model.config)
+        else:  # the cache's tensors are replaced (never written in place) as it grows
+            for layer, (k, v) in zip(_cache_layers(self.cache), tensors):
+                layer.keys, layer.values = k, v
+        self._tree = None
+
     def reorder(self, index: torch.Tensor) -> None:
         index = torch.as_tensor(index, dtype=torch.long, device=self.adapter.device)
         for layer in _cache_layers(self.cache):

@@ -70,6 +70,13 @@ class KVCacheSession(DecodeSession):
         self.length += len(path)
         self._tree = None
 
+    def snapshot(self):
+        return (self.cache, self.length, self.batch_size)
+
+    def restore(self, snapshot) -> None:
+        self.cache, self.length, self.batch_size = snapshot
+        self._tree = None
+
     def reorder(self, index: torch.Tensor) -> None:
         index = torch.as_tensor(index, dtype=torch.long, device=self.adapter.device)
         self.cache = reorder_cache(self.cache, index)

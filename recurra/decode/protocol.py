@@ -9,7 +9,8 @@ cache or recurrent state for a batch of rows, positioned after the tokens it has
   one pass *tentatively* and returns the logits of every node (n, V);
 - ``commit(path)`` keeps, of the last verified tree, the nodes ``path`` (a root-to-node chain
   starting at node 0; an empty path keeps nothing);
-- ``reorder(index)`` selects (and repeats) batch rows (beam search).
+- ``reorder(index)`` selects (and repeats) batch rows (beam search);
+- ``snapshot()`` / ``restore(snapshot)`` go back to an earlier committed point (draft models).
 
 Adapters turn models into sessions: :func:`as_adapter` picks the one for a model —
 :class:`~recurra.decode.recurrent_adapter.RecurrentAdapter` (snapshot / branch / restore a
@@ -51,6 +52,14 @@ class DecodeSession(ABC):
     @abstractmethod
     def reorder(self, index: torch.Tensor) -> None:
         """Select (and repeat) batch rows: row i becomes row ``index[i]``."""
+
+    def snapshot(self):
+        """An opaque copy of the committed cache / state (cheap: tensors are not copied)."""
+        raise NotImplementedError(f"{type(self).__name__} has no snapshot()")
+
+    def restore(self, snapshot) -> None:
+        """Return to a :meth:`snapshot` (drops everything absorbed since)."""
+        raise NotImplementedError(f"{type(self).__name__} has no restore()")
 
     def check_path(self, tree: DraftTree | None, path: Sequence[int]) -> list[int]:
         if tree is None:

@@ -132,6 +132,14 @@ class RecurrentSession(DecodeSession):
         self._tree = None
         self._node_states = None
 
+    def snapshot(self):
+        return (self.state, self.length, self.batch_size)
+
+    def restore(self, snapshot) -> None:
+        self.state, self.length, self.batch_size = snapshot
+        self._tree = None
+        self._node_states = None
+
     def reorder(self, index: torch.Tensor) -> None:
         index = torch.as_tensor(index, dtype=torch.long)
         self.state = self.model.reorder_state(self.state, index)

@@ -88,8 +88,9 @@ class TokenRecycling(Drafter):
         return DraftTree(out_tokens, out_parents)
 
     def update(self, tree: DraftTree, logits: torch.Tensor, path, emitted) -> None:
-        top = logits.topk(self.k, dim=-1).indices.cpu().numpy()
+        k = min(self.k, logits.shape[-1])  # a vocabulary smaller than k keeps zeros beyond
+        top = logits.topk(k, dim=-1).indices.cpu().numpy()
         tokens = np.asarray(tree.tokens)
         # a token on several nodes: its first occurrence in BFS order (closest to the root) wins
         unique, first = np.unique(tokens, return_index=True)
-        self.matrix[unique] = top[first]
+        self.matrix[unique, :k] = top[first]
