@@ -128,9 +128,11 @@ class Mamba2(RecurrentLayer):
         """Causal depthwise conv over [conv_state, xbc]; returns output and the new state."""
         k = self.conv_kernel
         ext = torch.cat([conv_state, xbc], 1)                        # (B, k-1+T, C)
-        out = F.conv1d(ext.transpose(1, 2), self.conv_weight.unsqueeze(1), self.conv_bias,
-                       groups=self.conv_dim).transpose(1, 2)
         t = xbc.shape[1]
+        # k shifted multiply-adds (torch's depthwise conv1d takes a slow path on CPU)
+        out = self.conv_bias + ext[:, :t] * self.conv_weight[:, 0]
+        for i in range(1, k):
+            out = out + ext[:, i:i + t] * self.conv_weight[:, i]
         if lengths is None:
             new_state = ext[:, t:]
         else:  # each row's last k-1 real inputs sit at ext[lengths : lengths + k-1]

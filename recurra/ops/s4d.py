@@ -123,12 +123,30 @@ def s4d_reference(u, A_bar, B_bar, C, D, initial_state=None):
 def powers(A_bar: torch.Tensor, length: int, start: int = 0) -> torch.Tensor:
     """(H, N2) -> (H, N2, length): ``A_bar ** (start + l)`` for l < length (via exp(l log A))."""
     exps = torch.arange(start, start + length, device=A_bar.device, dtype=A_bar.real.dtype)
-    return (A_bar.log().unsqueeze(-1) * exps).exp()
+    # exp(l log A) = |A|^l (cos(l arg A) + i sin(l arg A)), in real arithmetic (torch's complex
+    # exp is not vectorised on CPU)
+    return torch.polar((A_bar.abs().log().unsqueeze(-1) * exps).exp(),
+                       A_bar.angle().unsqueeze(-1) * exps)
+
+
+def vandermonde(coef: torch.Tensor, A_bar: torch.Tensor, length: int,
+                chunk_size: int = 64) -> torch.Tensor:
+    """``2 Re(sum_n coef_n A_bar_n^l)`` for l < length: coef (..., H, N2) -> (..., H, length).
+
+    Two levels, ``A^(c q + i) = (A^q)^c A^i``, so the work is one complex matmul
+    (..., H, chunks, N2) @ (H, N2, q) instead of ``length`` powers per mode.
+    """
+    q = max(1, min(chunk_size, length))
+    nc = -(-length // q)
+    inner = powers(A_bar, q)                                            # (H, N2, q)
+    outer = powers(A_bar ** q, nc).transpose(-1, -2)                    # (H, nc, N2)
+    out = (coef.unsqueeze(-2) * outer) @ inner                          # (..., H, nc, q)
+    return 2 * out.real.flatten(-2)[..., :length]
 
 
 def s4d_kernel(A_bar, B_bar, C, length: int) -> torch.Tensor:
     """K_l = 2 Re(sum_n C_n B_bar_n A_bar_n^l), l < length: (H, length) real."""
-    return 2 * torch.einsum("hn,hnl->hl", C * B_bar, powers(A_bar, length)).real
+    return vandermonde(C * B_bar, A_bar, length)
 
 
 def s4d_fft(u, A_bar, B_bar, C, D, initial_state=None, lengths=None, chunk_size: int = 64):
@@ -146,7 +164,7 @@ def s4d_fft(u, A_bar, B_bar, C, D, initial_state=None, lengths=None, chunk_size:
     n = 2 * t
     y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(K, n=n), n=n)[..., :t]
     y = y + D.unsqueeze(-1) * u
-    y = y + 2 * torch.einsum("bhn,hn,hnl->bhl", x0, C, powers(A_bar, t, start=1)).real
+    y = y + vandermonde(x0 * C * A_bar, A_bar, t)
     # final state: right-align each row so that it ends at step t, then a chunked Vandermonde
     ends = (torch.full((b,), t, dtype=torch.long, device=u.device)
             if lengths is None else lengths)
@@ -161,5 +179,6 @@ def s4d_fft(u, A_bar, B_bar, C, D, initial_state=None, lengths=None, chunk_size:
     per_chunk = torch.einsum("bhci,hni->bhcn", uc.to(inner.dtype), inner * B_bar.unsqueeze(-1))
     outer = powers(A_bar ** q, nc).flip(-1)                             # A^(q (nc-1-c))
     x = torch.einsum("bhcn,hnc->bhn", per_chunk, outer)
-    x = x + (A_bar.log() * ends.view(b, 1, 1).to(u.dtype)).exp() * x0
+    steps = ends.view(b, 1, 1).to(u.dtype)
+    x = x + torch.polar((A_bar.abs().log() * steps).exp(), A_bar.angle() * steps) * x0
     return y, x

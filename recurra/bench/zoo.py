@@ -1,0 +1,351 @@
+"""``recurra bench zoo``: mamba2, linear_attention, s4d and aaren: parallel forms, fla, memory.
+
+Three measurements, float32, timed side by side in one process (interleaved, medians):
+
+1. each layer's parallel form vs its own ``step`` loop at (B, T, d_model) = (4, 4096, 256),
+   forward (no grad) and forward+backward. Goal: >= 10x for mamba2, linear_attention, s4d, aaren.
+2. against the pure-PyTorch paths of flash-linear-attention (installed into the environment by
+   this command with ``pip install --no-deps einops fla-core flash-linear-attention triton`` when
+   missing; tests never need it), at equal sizes and equal math, outputs checked equal first:
+   - fla's ``Mamba2`` layer ``torch_forward`` (its Triton-backed SiLU and gated RMSNorm swapped for
+     torch equivalents) vs our ``mamba2`` layer with the same weights, at B=4, T=1024,
+     d_model=128, 4 heads x 64, state 64. Goal: >= 5x faster forward+backward.
+   - ``naive_chunk_linear_attn`` vs ``linear_attention_chunked`` (identity map, unnormalised),
+     and ``naive_chunk_simple_gla`` vs ``ssd_chunked`` (the same scalar-decay recurrence), at
+     B=4, T=1024, 4 heads, head dim 64. Goal: no slower than fla's naive chunked linear attention.
+3. step-mode memory per generated token at T = 1k, 10k, 100k (B=1, d_model=256): the state's
+   bytes after a prefill of T tokens, and the process's resident-memory growth over 256 decode
+   steps from there. Goal: constant in T.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import time
+
+DESCRIPTION = "mamba2 / linear_attention / s4d / aaren: parallel vs step, vs fla, step memory"
+
+LAYERS = {
+    "mamba2": {"d_state": 64, "head_dim": 64},
+    "linear_attention": {"heads": 4, "feature_map": "elu"},
+    "s4d": {"d_state": 64},
+    "aaren": {"heads": 4},
+}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and few rounds (a smoke run, not a measurement)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (parallel forms)")
+    parser.add_argument("--skip-fla", action="store_true",
+                        help="skip the flash-linear-attention comparison (no install attempted)")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the memory test")
+
+
+def _command(args) -> str:
+    parts = ["recurra bench zoo", f"--threads {args.threads}", f"--rounds {args.rounds}"]
+    parts += [flag for flag, on in (("--quick", args.quick), ("--skip-fla", args.skip_fla),
+                                    ("--skip-memory", args.skip_memory)) if on]
+    return " ".join(parts)
+
+
+def _ensure_fla() -> bool:
+    try:
+        importlib.import_module("fla.layers.mamba2")
+        return True
+    except ImportError:
+        pass
+    print("installing fla (benchmark only): pip install --no-deps einops fla-core "
+          "flash-linear-attention triton")
+    code = subprocess.call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "einops",
+                            "fla-core", "flash-linear-attention", "triton"])
+    importlib.invalidate_caches()
+    try:
+        importlib.import_module("fla.layers.mamba2")
+        return code == 0
+    except ImportError as e:
+        print(f"fla unavailable ({e}); skipping the fla comparison")
+        return False
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        import os
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# --------------------------------------------------------------------------- 1. parallel vs step
+def parallel_vs_step(args, rows, records):
+    import torch
+    from tqdm import tqdm
+
+    from ..layers import build
+    from .harness import assert_same, time_methods
+
+    B, T, D = (2, 256, 64) if args.quick else (4, 4096, 256)
+    for name in tqdm(LAYERS, desc="parallel vs step"):
+        torch.manual_seed(0)
+        layer = build(name, D, **LAYERS[name])
+        x = torch.randn(B, T, D)
+
+        def steps(grad):
+            def call():
+                state = layer.init_state(B)
+                ys = []
+                with torch.set_grad_enabled(grad):
+                    xg = x.requires_grad_(grad)
+                    for x_t in xg.unbind(1):
+                        y_t, state = layer.step(x_t, state)
+                        ys.append(y_t)
+                    y = torch.stack(ys, 1)
+                    if grad:
+                        y.sum().backward()
+                return y
+            return call
+
+        def parallel(grad):
+            def call():
+                with torch.set_grad_enabled(grad):
+                    y = layer(x.requires_grad_(grad))[0]
+                    if grad:
+                        y.sum().backward()
+                return y
+            return call
+
+        t0 = time.perf_counter()
+        y_step = steps(False)()
+        step_s = time.perf_counter() - t0
+        diff = assert_same(y_step, parallel(False)(), atol=1e-4, rtol=1e-3,
+                           what=f"{name}: parallel vs step loop")
+        slow_rounds = 2 if step_s > 10 else 3
+        rec = {"layer": name, "B": B, "T": T, "d_model": D, "max_diff": diff}
+        for kind, grad in (("fwd", False), ("fwd+bwd", True)):
+            # the loop is slow and steady: fewer rounds for it, interleaved with the parallel form
+            res = time_methods({"step loop": steps(grad), "parallel": parallel(grad)},
+                               rounds=slow_rounds if not args.quick else 2, warmup=0)
+            fast = time_methods({"parallel": parallel(grad)},
+                                rounds=args.rounds if not args.quick else 2, warmup=1)
+            par = min(res["parallel"].median_ms, fast["parallel"].median_ms)
+            ratio = res["step loop"].median_ms / par
+            rec[kind] = {"step_ms": res["step loop"].median_ms, "parallel_ms": par,
+                         "ratio": ratio}
+            rows.append([f"{name} parallel vs own step loop", f"B={B} T={T} d={D}", kind,
+                         res["step loop"].median_ms, par, ratio, ">= 10x",
+                         "met" if ratio >= 10 else "NOT met", f"{diff:.1e}"])
+        records.append(rec)
+
+
+# --------------------------------------------------------------------------- 2. vs fla
+def _fla_mamba2(ours):
+    """fla's Mamba2 layer with our weights; its Triton SiLU and gated RMSNorm swapped for torch."""
+    import torch
+    from fla.layers.mamba2 import Mamba2 as FlaMamba2
+    from torch import nn
+
+    class GatedRMSNorm(nn.Module):  # norm_before_gate=False: norm(y * silu(z))
+        def __init__(self, weight, eps):
+            super().__init__()
+            self.weight, self.eps = weight, eps
+
+        def forward(self, y, z):
+            y = y * nn.functional.silu(z)
+            return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    fla = FlaMamba2(num_heads=ours.heads, head_dim=ours.head_dim, hidden_size=ours.input_size,
+                    state_size=ours.d_state, expand=ours.d_inner // ours.input_size,
+                    n_groups=ours.n_groups, conv_kernel=ours.conv_kernel,
+                    chunk_size=ours.chunk_size)
+    with torch.no_grad():
+        fla.in_proj.weight.copy_(ours.in_proj.weight)
+        fla.conv1d.weight.copy_(ours.conv_weight.unsqueeze(1))
+        fla.conv1d.bias.copy_(ours.conv_bias)
+        fla.dt_bias.copy_(ours.dt_bias)
+        fla.A_log.copy_(ours.A_log)
+        fla.D.copy_(ours.D)
+        fla.out_proj.weight.copy_(ours.out_proj.weight)
+    fla.act = nn.SiLU()
+    fla.norm = GatedRMSNorm(nn.Parameter(ours.norm_weight.detach().clone()), ours.norm_eps)
+    return fla
+
+
+def versus_fla(args, rows, records):
+    import torch
+    from fla.ops.linear_attn.naive import naive_chunk_linear_attn
+    from fla.ops.simple_gla.naive import naive_chunk_simple_gla
+
+    from ..layers.mamba2 import Mamba2
+    from ..ops.linear_attention import linear_attention_chunked
+    from ..ops.ssd import ssd_chunked
+    from .harness import assert_same, time_methods
+
+    B, T = (2, 256) if args.quick else (4, 1024)
+    rounds = 2 if args.quick else args.rounds
+    torch.manual_seed(0)
+    ours = Mamba2(128, d_state=64, head_dim=64, expand=2)      # 4 heads x 64, state 64
+    fla = _fla_mamba2(ours)
+    x = torch.randn(B, T, 128)
+
+    def run(fn, grad):
+        def call():
+            with torch.set_grad_enabled(grad):
+                y = fn(x.requires_grad_(grad))
+                if grad:
+                    y.sum().backward()
+            return y
+        return call
+
+    mamba = {"fla Mamba2.torch_forward": lambda v: fla.torch_forward(v)[0],
+             "recurra mamba2": lambda v: ours(v)[0]}
+    diff = assert_same(run(mamba["fla Mamba2.torch_forward"], False)(),
+                       run(mamba["recurra mamba2"], False)(), atol=1e-4, rtol=1e-3,
+                       what="mamba2 vs fla torch_forward")
+    rec = {"what": "mamba2 layer vs fla Mamba2.torch_forward", "B": B, "T": T, "max_diff": diff}
+    for kind, grad in (("fwd", False), ("fwd+bwd", True)):
+        res = time_methods({k: run(f, grad) for k, f in mamba.items()}, rounds=rounds, warmup=1)
+        theirs, mine = res["fla Mamba2.torch_forward"].median_ms, res["recurra mamba2"].median_ms
+        rec[kind] = {"fla_ms": theirs, "ours_ms": mine, "speedup": theirs / mine}
+        goal = ">= 5x (fwd+bwd)" if grad else "(reported)"
+        verdict = ("met" if theirs / mine >= 5 else "NOT met") if grad else "-"
+        rows.append(["mamba2 layer vs fla Mamba2.torch_forward",
+                     f"B={B} T={T} d=128 4x64 N=64", kind, theirs, mine, theirs / mine, goal,
+                     verdict, f"{diff:.1e}"])
+    records.append(rec)
+
+    # ops: linear attention and scalar-decay (simple GLA == SSD with B=k, C=q, x=v)
+    H, K = 4, 64
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, T, H, K, generator=g) for _ in range(3))
+    gate = -torch.rand(B, T, H, generator=g) * 0.1
+    scale = K ** -0.5
+    qh, kh, vh = (a.transpose(1, 2).contiguous() for a in (q, k, v))   # our head-first layout
+
+    def op_run(fn, tensors, grad):
+        def call():
+            leaves = [a.detach().requires_grad_(grad) for a in tensors]
+            with torch.set_grad_enabled(grad):
+                y = fn(*leaves)
+                if grad:
+                    y.sum().backward()
+            return y
+        return call
+
+    cases = [
+        ("linear attention (unnormalised)", "fla naive_chunk_linear_attn",
+         lambda a, b, c: naive_chunk_linear_attn(a, b, c, scale=scale), (q, k, v),
+         lambda a, b, c: linear_attention_chunked(a * scale, b, c, normalize=False)[0],
+         (qh, kh, vh), lambda y: y.transpose(1, 2)),
+        ("scalar-decay linear attention", "fla naive_chunk_simple_gla",
+         lambda a, b, c, d: naive_chunk_simple_gla(a, b, c, d, scale=scale)[0], (q, k, v, gate),
+         lambda a, b, c, d: ssd_chunked(c, d, b, a * scale)[0], (q, k, v, gate),
+         lambda y: y),
+    ]
+    for what, fla_name, fla_fn, fla_in, our_fn, our_in, to_fla_layout in cases:
+        diff = assert_same(op_run(fla_fn, fla_in, False)(),
+                           to_fla_layout(op_run(our_fn, our_in, False)()), atol=1e-3, rtol=1e-3,
+                           what=f"{what}: recurra vs {fla_name}")
+        rec = {"what": f"{what} vs {fla_name}", "B": B, "T": T, "max_diff": diff}
+        for kind, grad in (("fwd", False), ("fwd+bwd", True)):
+            res = time_methods({"fla": op_run(fla_fn, fla_in, grad),
+                                "ours": op_run(our_fn, our_in, grad)},
+                               rounds=rounds, warmup=1, min_round_s=0.2)
+            theirs, mine = res["fla"].median_ms, res["ours"].median_ms
+            rec[kind] = {"fla_ms": theirs, "ours_ms": mine, "speedup": theirs / mine}
+            goal = ">= 1x" if "unnormalised" in what else "(reported)"
+            verdict = ("met" if theirs / mine >= 1 else "NOT met") if goal == ">= 1x" else "-"
+            rows.append([f"{what} vs {fla_name}", f"B={B} T={T} H={H} d={K}", kind, theirs,
+                         mine, theirs / mine, goal, verdict, f"{diff:.1e}"])
+        records.append(rec)
+
+
+# --------------------------------------------------------------------------- 3. step memory
+def step_memory(args, mem_rows, mem_records):
+    import torch
+    from tqdm import tqdm
+
+    from ..layers import build
+
+    D = 64 if args.quick else 256
+    lengths = [1000, 10000] if args.quick else [1000, 10000, 100000]
+    extra = {"mamba2 (window=256)": ("mamba2", {"d_state": 64, "head_dim": 64, "window": 256})}
+    configs = {**{n: (n, o) for n, o in LAYERS.items()}, **extra}
+    for label, (name, options) in tqdm(configs.items(), desc="step memory"):
+        torch.manual_seed(0)
+        layer = build(name, D, **options)
+        rec = {"layer": label, "d_model": D, "points": []}
+        for T in lengths:
+            with torch.no_grad():
+                state = layer.init_state(1)
+                done = 0
+                while done < T:  # prefill in pieces: the state is all that is carried
+                    n = min(4096, T - done)
+                    _, state = layer(torch.randn(1, n, D), state)
+                    done += n
+                state_bytes = sum(s.numel() * s.element_size() for s in state)
+                x_t = torch.randn(1, D)
+                for _ in range(16):  # warm the allocator at this position
+                    _, state = layer.step(x_t, state)
+                rss0 = _rss_bytes()
+                t0 = time.perf_counter()
+                for _ in range(256):
+                    _, state = layer.step(x_t, state)
+                step_ms = 1e3 * (time.perf_counter() - t0) / 256
+                growth = _rss_bytes() - rss0
+            rec["points"].append({"T": T, "state_bytes": state_bytes, "rss_growth": growth,
+                                  "step_ms": step_ms})
+            mem_rows.append([label, T, state_bytes, growth / 256, step_ms])
+        mem_records.append(rec)
+
+
+def run(args) -> None:
+    import torch
+
+    from .harness import bar_chart, markdown_table, write_results
+
+    torch.set_num_threads(args.threads)
+    rows, records, mem_rows, mem_records = [], [], [], []
+    parallel_vs_step(args, rows, records)
+    fla_ok = False
+    if not args.skip_fla:
+        fla_ok = _ensure_fla()
+        if fla_ok:
+            versus_fla(args, rows, records)
+    if not args.skip_memory:
+        step_memory(args, mem_rows, mem_records)
+
+    notes = _verdict(rows, mem_records, args, fla_ok)
+    if mem_rows:
+        notes += ("\n\n### Step-mode memory per generated token (B=1, float32)\n\n"
+                  + markdown_table(["layer", "T (prefilled)", "state bytes",
+                                    "RSS growth per step (bytes)", "ms per step"], mem_rows))
+    header = ["comparison", "size", "pass", "baseline ms", "recurra ms", "speedup", "goal",
+              "verdict", "max diff"]
+    md = write_results(args.out, "Layer zoo: parallel forms vs step loops and fla (float32)",
+                       _command(args), header, rows,
+                       extra={"records": records, "memory": mem_records}, notes=notes)
+    labels = [f"{r[0].split(' vs ')[0]} ({r[2]})" for r in rows]
+    bar_chart(args.out + ".png", "Speedup of recurra's parallel form (log scale reference: 1x)",
+              labels, {"speedup (baseline / recurra)": [r[5] for r in rows]}, "speedup",
+              hline=1.0)
+    print(md)
+
+
+def _verdict(rows, mem_records, args, fla_ok) -> str:
+    lines = ["### Goals"]
+    if args.quick:
+        lines.append("QUICK RUN (tiny sizes): not a measurement of the goals.")
+    for r in rows:
+        if r[7] in ("met", "NOT met"):
+            lines.append(f"- {r[0]} ({r[2]}): {r[5]:.1f}x, goal {r[6]}: **{r[7]}**")
+    if not fla_ok:
+        lines.append("- fla comparison: **not run** (skipped or fla unavailable)")
+    for rec in mem_records:
+        pts = rec["points"]
+        same_state = len({p["state_bytes"] for p in pts}) == 1
+        grows = max(p["rss_growth"] for p in pts) / 256
+        lines.append(f"- {rec['layer']} step memory: state {pts[0]['state_bytes']} bytes at every "
+                     f"T ({'constant' if same_state else 'NOT constant'}); max RSS growth "
+                     f"{grows:.0f} bytes per step: goal (constant in T) "
+                     f"**{'met' if same_state and grows < 64 else 'NOT met'}**")
+    return "\n".join(lines)
