@@ -37,6 +37,10 @@ def register(subparsers) -> None:
     p.add_argument("--budget", default="small", choices=("smoke", "small", "full"))
     p.add_argument("--out", default=None,
                    help="output folder (default benchmarks/results/eval/<suite or grid>-<budget>)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override the budget's number of training steps")
+    p.add_argument("--time-cap", type=float, default=None,
+                   help="override the budget's training time cap per cell in seconds (0 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-length", type=int, default=None,
                    help="training length for --tasks grids (default: each task's own)")
@@ -50,6 +54,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from dataclasses import replace
+
     import torch
 
     from ..evaluation.report import write_report
@@ -71,6 +77,16 @@ def run(args) -> int:
         return 0
     torch.set_num_threads(args.threads)
     budget = BUDGETS[args.budget]
+    if args.steps is not None:
+        if args.steps < 1:
+            print("error: --steps must be >= 1", file=sys.stderr)
+            return 2
+        budget = replace(budget, name=f"{budget.name}-steps{args.steps}", steps=args.steps)
+    if args.time_cap is not None:
+        if args.time_cap < 0:
+            print("error: --time-cap must be >= 0", file=sys.stderr)
+            return 2
+        budget = replace(budget, max_train_seconds=args.time_cap)
     tasks, layers = _split(args.tasks), _split(args.layers)
     if tasks:
         if not layers:
@@ -84,13 +100,13 @@ def run(args) -> int:
             wanted = set(layers)
             cells = [c for c in cells if c.model in wanted or c.model.split(":")[0] in wanted]
         name = args.suite
-    out = args.out or f"benchmarks/results/eval/{name}-{args.budget}"
+    out = args.out or f"benchmarks/results/eval/{name}-{budget.name}"
     argv = sys.argv[1:]
     command = "recurra " + " ".join(shlex.quote(a) for a in argv) \
         if argv[:1] == ["eval"] else "recurra eval"
     from dataclasses import asdict
 
-    title = f"recurra eval: {name} ({args.budget})"
+    title = f"recurra eval: {name} ({budget.name})"
 
     def refresh(partial):  # keep results.md/json current while the grid runs
         write_report(out, partial, title + " [in progress]", command, asdict(budget), plots=False)
