@@ -174,3 +174,47 @@ def test_trains_and_decodes_inside_recurrent_lm():
         for t in range(10):
             step_logits, state = model.step(tokens[:2, t], state)
             torch.testing.assert_close(step_logits, logits[:, t], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ LSSL
+@pytest.mark.parametrize("method", ["bilinear", "zoh"])
+def test_lssl_discretisation_oracles(method):
+    from recurra.ops.lssl import discretize_dense
+
+    A, B, _ = hippo_legs(5)
+    dt = torch.tensor([0.05, 0.2], dtype=D)
+    A_bar, B_bar = discretize_dense(A, B, dt, method)
+    eye = torch.eye(5, dtype=D)
+    for i, d in enumerate(dt):
+        if method == "bilinear":
+            want_a = torch.inverse(eye - d / 2 * A) @ (eye + d / 2 * A)
+            want_b = torch.inverse(eye - d / 2 * A) @ (d * B)
+        else:
+            want_a = torch.matrix_exp(d * A)
+            want_b = torch.inverse(A) @ (want_a - eye) @ B
+        torch.testing.assert_close(A_bar[i], want_a)
+        torch.testing.assert_close(B_bar[i], want_b)
+
+
+def test_lssl_convolution_equals_recurrence():
+    from recurra.ops.lssl import discretize_dense, lssl_conv, lssl_reference
+
+    g = torch.Generator().manual_seed(0)
+    A, B, _ = hippo_legs(6)
+    A_bar, B_bar = discretize_dense(A, B, torch.tensor([0.1, 0.3, 0.02], dtype=D), "bilinear")
+    C = torch.randn(3, 6, generator=g, dtype=D)
+    Dk = torch.randn(3, generator=g, dtype=D)
+    u = torch.randn(2, 3, 21, generator=g, dtype=D)
+    x0 = torch.randn(2, 3, 6, generator=g, dtype=D)
+    y1, x1 = lssl_reference(u, A_bar, B_bar, C, Dk, x0)
+    y2, x2 = lssl_conv(u, A_bar, B_bar, C, Dk, x0)
+    torch.testing.assert_close(y2, y1, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(x2, x1, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["bilinear", "zoh"])
+def test_lssl_layer_contract(method):
+    from recurra.layers.lssl import LSSL
+
+    torch.manual_seed(0)
+    check_layer_contract(LSSL(2, d_state=3, discretization=method), steps=9)
