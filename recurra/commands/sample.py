@@ -15,6 +15,15 @@ def register(subparsers) -> None:
                         help="keep the smallest set of bytes with probability >= p (nucleus)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--strategy", default=None,
+                        choices=["greedy", "sample", "beam", "diverse_beam"],
+                        help="decoding strategy (default: greedy if --temperature 0, else sample)")
+    parser.add_argument("--num-beams", type=int, default=4, help="beams for --strategy beam")
+    parser.add_argument("--speculative", default="none",
+                        choices=["none", "prompt-lookup", "token-recycling", "aded"],
+                        help="lossless speculative decoding (greedy / sample; same output)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="CTRL repetition penalty (> 1 discourages repeats)")
     parser.set_defaults(func=run)
 
 
@@ -67,12 +76,28 @@ def pick_token(scores, temperature: float, top_k: int | None, top_p: float | Non
 
 
 def run(args) -> int:
+    import sys
+
+    from recurra.decode import generate
     from recurra.tasks.byte_tokenizer import ByteTokenizer
     from recurra.train.checkpoint import load_model
 
     model = load_model(args.checkpoint, device=args.device)
     tokenizer = ByteTokenizer()
-    new = sample_tokens(model, tokenizer.encode(args.prompt), args.max_new_tokens,
-                        args.temperature, args.top_k, args.top_p, args.seed)
-    print(args.prompt + tokenizer.decode(new))
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise ValueError("prompt must hold at least one token (give a non-empty --prompt)")
+    strategy = args.strategy or ("greedy" if args.temperature == 0 else "sample")
+    speculative = None if args.speculative == "none" else args.speculative.replace("-", "_")
+    out = generate(model, [prompt_ids], args.max_new_tokens, strategy=strategy,
+                   speculative=speculative, num_beams=args.num_beams,
+                   temperature=args.temperature if strategy == "sample" else 1.0,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   repetition_penalty=args.repetition_penalty)
+    print(args.prompt + tokenizer.decode(out.tokens[0].tolist()))
+    stats = out.stats
+    print(f"[{strategy}{'' if speculative is None else ' + ' + args.speculative}] "
+          f"{stats.new_tokens} tokens in {stats.seconds:.2f} s: {stats.tokens_per_s:.1f} "
+          f"tokens/s, {stats.mean_accepted:.2f} mean accepted tokens per step",
+          file=sys.stderr)
     return 0
