@@ -53,4 +53,4 @@ def model_config(model) -> dict[str, Any]:
     return config
 
 
-__all__ = ["RecurrentLM", "RecurrentLMConfig", "build_model", "model_config", "ARCHITECTURES"]
+__all__ = ["ARCHITECTURES", "RecurrentLM", "RecurrentLMConfig", "build_model", "model_config"]

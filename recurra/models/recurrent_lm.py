@@ -72,7 +72,7 @@ class Block(nn.Module):
         if not self.mixer.causal:
             raise ValueError(f"layer {layer!r} is not causal; a language model needs a causal one")
         self.dropout = nn.Dropout(dropout)
-        hidden = int(round(mlp_ratio * d_model))
+        hidden = round(mlp_ratio * d_model)
         if hidden > 0:
             self.norm_mlp = nn.RMSNorm(d_model, eps=1e-6)
             self.mlp = MLP(d_model, hidden, dropout)
