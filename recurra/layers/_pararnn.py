@@ -35,7 +35,8 @@ class ParaRNNLayer(RecurrentLayer):
     def __init__(self, d_model: int, num_heads: int = 1, mode: str = "parallel",
                  iterations: int | None = None, atol: float | None = None,
                  rtol: float | None = None, max_iters: int = 50, damping: float = 0.0,
-                 strict: bool = False, recurrent_std: float | None = None):
+                 strict: bool = False, recurrent_std: float | None = None,
+                 backend: str = "torch"):
         super().__init__()
         if not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"d_model must be a positive int, got {d_model!r}")
@@ -53,7 +54,8 @@ class ParaRNNLayer(RecurrentLayer):
         std = 2 / math.sqrt(5 * d_model) if recurrent_std is None else recurrent_std
         self.cell = self.make_cell(d_model, std)
         self.solver = NewtonSolver(iterations=iterations, atol=atol, rtol=rtol,
-                                   max_iters=max_iters, damping=damping, strict=strict)
+                                   max_iters=max_iters, damping=damping, strict=strict,
+                                   backend=backend)
         self.mode = mode
 
     # ------------------------------------------------------------------ subclass interface

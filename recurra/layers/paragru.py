@@ -53,6 +53,12 @@ class ParaGRUCell(NewtonCell):
     def jacobian(self, u, h):
         return self.step_and_jacobian(u, h)[1]
 
+    def newton_step_triton(self, u, h0, h, mask=None):
+        """One fused Newton iteration in a Triton kernel (``NewtonSolver(backend="triton")``)."""
+        from ..ops.newton_triton import paragru_newton_step_triton
+
+        return paragru_newton_step_triton(u, h0, h, self.a_z, self.a_r, self.a_h, mask)
+
 
 class ParaGRU(ParaRNNLayer):
     """GRU with diagonal recurrence; ``mode="sequential" | "parallel"`` (see ``_pararnn``)."""

@@ -288,7 +288,9 @@ class NewtonSolver:
         damping: scale Jacobians by (1 - damping) for cells that are not contractive
             (slower, linear convergence, but the products of Jacobians stay bounded).
         strict: raise :class:`NewtonDivergenceError` instead of falling back to the loop.
-        scan_method: method passed to :func:`recurra.ops.linear_scan.linear_scan`.
+        backend: "torch" (default) or "triton": the iterations use the cell's fused Triton
+            Newton step (``cell.newton_step_triton``; ParaGRU has one; needs a GPU, or
+            TRITON_INTERPRET=1 on a CPU for testing). The backward is the same either way.
 
     ``solver.last`` holds the :class:`NewtonStats` of the latest call and ``solver.history`` the
     recent ones (``solver.calls``, ``solver.fallbacks`` count all calls).
@@ -296,7 +298,7 @@ class NewtonSolver:
 
     def __init__(self, iterations: int | None = None, atol: float | None = None,
                  rtol: float | None = None, max_iters: int = 50, damping: float = 0.0,
-                 strict: bool = False, history: int = 1000):
+                 strict: bool = False, history: int = 1000, backend: str = "torch"):
         if iterations is not None:
             if not isinstance(iterations, int) or iterations < 0:
                 raise ValueError(f"iterations must be None or an int >= 0, got {iterations!r}")
@@ -310,6 +312,11 @@ class NewtonSolver:
             raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
         if not (isinstance(damping, (int, float)) and 0 <= damping < 1):
             raise ValueError(f"damping must be a float in [0, 1), got {damping!r}")
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+        if backend == "triton" and damping:
+            raise ValueError("damping is not supported by backend='triton' (use 'torch')")
+        self.backend = backend
         self.iterations = iterations
         self.atol, self.rtol = atol, rtol
         self.max_iters = max_iters
@@ -324,7 +331,8 @@ class NewtonSolver:
     def __repr__(self) -> str:
         mode = (f"iterations={self.iterations}" if self.iterations is not None else
                 f"atol={self.atol}, rtol={self.rtol}, max_iters={self.max_iters}")
-        return f"NewtonSolver({mode}, damping={self.damping}, strict={self.strict})"
+        return (f"NewtonSolver({mode}, damping={self.damping}, strict={self.strict}, "
+                f"backend={self.backend!r})")
 
     def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
         if dtype == torch.float64:
@@ -346,6 +354,9 @@ class NewtonSolver:
         """
         _check_cell(cell)
         _check_inputs(u, initial_state, mask)
+        if self.backend == "triton" and not callable(getattr(cell, "newton_step_triton", None)):
+            raise ValueError(f"backend='triton' needs a cell with a fused Triton Newton step "
+                             f"(newton_step_triton); {type(cell).__name__} has none")
         names, params = _cell_params(cell)
         return _NewtonFunction.apply(self, cell, names, mask, u, initial_state, *params)
 
@@ -366,7 +377,10 @@ class NewtonSolver:
             converged = True  # the guess is exact for T = 1
         k = 0
         while not reason and not converged and k < limit:
-            new = newton_step(cell, u, h0, h, mask, self.damping)
+            if self.backend == "triton":
+                new = cell.newton_step_triton(u, h0, h, mask)
+            else:
+                new = newton_step(cell, u, h0, h, mask, self.damping)
             delta = (new - h).abs()
             k += 1
             norm = float(delta.max()) if delta.numel() else 0.0
