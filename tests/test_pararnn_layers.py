@@ -118,6 +118,7 @@ def test_training_parallel_matches_sequential_loss_curve():
     par = _train_curve("parallel", steps)
     assert seq[-1] < 0.5 * seq[0], "the task must be learnt for the comparison to mean much"
     diff = max(abs(a - b) for a, b in zip(seq, par))
-    # measured: max |loss difference| over 300 steps, float32 (see docs/pararnn.md)
-    assert diff < 1e-3, diff
+    # measured on the 2-core CPU: max |loss difference| over the 300 steps = 7.2e-7 (float32;
+    # loss 2.74 -> 0.17); the bound leaves room for other BLAS/rounding orders
+    assert diff < 1e-5, diff
     assert all(math.isfinite(v) for v in par)
