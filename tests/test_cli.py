@@ -63,6 +63,9 @@ def test_train_sample_layers_smoke(tmp_path, text_file, capsys):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(ValueError, match="d_model"):
         main(tiny_args(text_file, out, "--steps", "8", "--resume", "--d-model", "32"))
+    capsys.readouterr()
+    assert main(tiny_args(text_file, out, "--resume")) == 0  # the saved --steps 6: done
+    assert "already at step 6 of 6; nothing to train" in capsys.readouterr().out
 
 
 def test_bad_cli_input(tmp_path, text_file):

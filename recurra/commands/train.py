@@ -125,6 +125,9 @@ def run(args) -> int:
     config = build_config(args)
     started = time.perf_counter()
     result = train(config, resume=args.resume, verbose=not args.no_progress)
+    if not result.losses and _is_main():
+        print(f"the run in {config.out} is already at step {result.step} of {config.steps}; "
+              f"nothing to train (give a larger --steps to continue it)")
     if result.evals and _is_main():
         final = result.evals[-1]
         print(f"validation: {final['val_bpb']:.3f} bits per byte after {result.step} steps "
