@@ -9,9 +9,15 @@ from torch import nn
 
 from recurra.layers.paragru import ParaGRUCell
 from recurra.layers.paralstm import ParaLSTMCell
-from recurra.ops.newton import (NewtonCell, NewtonDivergenceError, NewtonFallbackWarning,
-                                NewtonSolver, autograd_jacobian, newton_iterates,
-                                sequential_solve)
+from recurra.ops.newton import (
+    NewtonCell,
+    NewtonDivergenceError,
+    NewtonFallbackWarning,
+    NewtonSolver,
+    autograd_jacobian,
+    newton_iterates,
+    sequential_solve,
+)
 
 F64 = torch.float64
 

@@ -79,7 +79,7 @@ def test_registered_and_in_language_model():
     model = RecurrentLM(vocab_size=11, d_model=8, n_layers=2, layer="paragru",
                         layer_options={"mode": "parallel", "num_heads": 2})
     tokens = torch.randint(0, 11, (2, 40))
-    logits, state = model(tokens)
+    logits, _ = model(tokens)
     assert logits.shape == (2, 40, 11)
     for block in model.modules():
         if isinstance(block, ParaGRU):

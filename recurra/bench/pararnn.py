@@ -75,13 +75,13 @@ def run(args) -> None:
         gru = torch.nn.GRU(width, width, batch_first=True)
         x = torch.randn(batch, steps, width)
 
-        def forward(m):
+        def forward(m, x=x):
             def call():
                 with torch.no_grad():
                     return m(x)[0]
             return call
 
-        def forward_backward(m):
+        def forward_backward(m, x=x):
             def call():
                 y = m(x)[0]
                 y.sum().backward()

@@ -182,7 +182,7 @@ def _chunked(a, b, h0, kind):
     steps = b.shape[1]
     if steps <= _SMALL_T:
         return _loop(a, b, h0, False, kind)
-    size = max(1, int(math.isqrt(steps)))
+    size = max(1, math.isqrt(steps))
     chunks = -(-steps // size)
     pad = chunks * size - steps
     if pad:  # padding at the end never influences earlier states

@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import warnings
 from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 

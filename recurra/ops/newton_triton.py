@@ -23,11 +23,9 @@ import torch
 
 def available() -> bool:
     """True when triton can be imported (kernels then need a GPU or ``TRITON_INTERPRET=1``)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:
