@@ -4,6 +4,7 @@ solvers (a plain loop, a set intersection, a direct permutation simulation, a re
 from __future__ import annotations
 
 import itertools
+import math
 import re
 
 import numpy as np
@@ -85,17 +86,18 @@ def test_parity_labels_by_loop():
     assert bool(batch.mask.all())
 
 
-def test_s5_labels_by_direct_simulation():
-    task = build_task("s5")
-    perms = list(itertools.permutations(range(5)))  # the documented id order
+@pytest.mark.parametrize("name,items", [("s5", 5), ("s3", 3)])
+def test_permutation_labels_by_direct_simulation(name, items):
+    task = build_task(name)
+    perms = list(itertools.permutations(range(items)))  # the documented id order
     batch = task.sample(30, 20, seed=5)
     for ids, target in zip(batch.inputs.tolist(), batch.targets.tolist()):
-        arrangement = list(range(5))
+        arrangement = list(range(items))
         for g, t in zip(ids, target):
             p = perms[g]
             arrangement = [p[i] for i in arrangement]
             assert perms[t] == tuple(arrangement)
-    assert task.vocab_size == 120
+    assert task.vocab_size == math.factorial(items)
     # the composition is not commutative: S5 is non-abelian
     assert not np.array_equal(task.table, task.table.T)
 

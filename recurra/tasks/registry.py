@@ -17,6 +17,7 @@ _TASKS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "reverse": ("recurra.tasks.copying", "CopyTask", {"reverse": True}),
     "parity": ("recurra.tasks.state_tracking", "ParityTask", {}),
     "s5": ("recurra.tasks.state_tracking", "PermutationTask", {}),
+    "s3": ("recurra.tasks.state_tracking", "PermutationTask", {"n_items": 3}),
     "mqar": ("recurra.tasks.associative_recall", "AssociativeRecallTask", {}),
     "set_disjointness": ("recurra.tasks.set_disjointness", "SetDisjointnessTask", {}),
     "passkey": ("recurra.tasks.passkey", "PasskeyTask", {}),
