@@ -193,3 +193,24 @@ def test_step_memory_is_constant_and_bad_options():
         bad = list(layer.init_state(2))
         bad[layer.memory.n_state - 1] = torch.full((2,), 0.5)
         layer(torch.randn(2, 3, 8), tuple(bad))
+
+
+def test_trains_inside_recurrent_lm():
+    # target: the token two steps back (needs the layer's memory); a few steps must cut the loss
+    from recurra.models.recurrent_lm import RecurrentLM
+
+    torch.manual_seed(0)
+    model = RecurrentLM(8, 16, 1, layer="titans", layer_options=dict(variant="mag", heads=2, chunk=4, window=4), mlp_ratio=2)
+    x = torch.randint(0, 8, (8, 16), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        logits, _ = model(x)
+        loss = torch.nn.functional.cross_entropy(logits[:, 2:].reshape(-1, 8),
+                                                 x[:, :-2].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 1.9  # ~ln 8
+    assert losses[-1] < 0.75 * losses[0]
