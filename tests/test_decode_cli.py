@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from decode_models import single_thread  # noqa: F401
+
 from recurra.cli import main
 
 

@@ -15,8 +15,8 @@ import math
 
 import pytest
 import torch
-
 from decode_models import TinyRecurrentLM, single_thread, tiny_transformer  # noqa: F401
+
 from recurra.decode import generate
 from recurra.decode.rejection import always_accept, rrs_distribution, rrs_plan
 
@@ -112,12 +112,12 @@ def sample_counts(model, n, seed, **kw):
 
 
 METHODS = {
-    "token_recycling": dict(speculative="token_recycling"),
-    "draft": dict(speculative="draft", speculative_options={"num_draft": 2}),
-    "rsd_gumbel": dict(speculative="rsd", speculative_options={"branching": (2, 2)}),
-    "rsd_beam": dict(speculative="rsd", speculative_options={"branching": (2, 2),
+    "token_recycling": {"speculative": "token_recycling"},
+    "draft": {"speculative": "draft", "speculative_options": {"num_draft": 2}},
+    "rsd_gumbel": {"speculative": "rsd", "speculative_options": {"branching": (2, 2)}},
+    "rsd_beam": {"speculative": "rsd", "speculative_options": {"branching": (2, 2),
                                                               "tree": "beam",
-                                                              "beam_width": 3}),
+                                                              "beam_width": 3}},
 }
 
 

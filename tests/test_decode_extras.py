@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import torch
-
 from decode_models import single_thread, tiny_transformer  # noqa: F401
+
 from recurra.decode import TreeTemplate, generate
 from recurra.decode.aded import ADED
-from recurra.decode.conditional_beam import (AttributeClassifier, is_degenerate,
-                                             repeated_ngram_fraction,
-                                             train_nondegenerate_classifier)
+from recurra.decode.conditional_beam import (
+    AttributeClassifier,
+    is_degenerate,
+    repeated_ngram_fraction,
+    train_nondegenerate_classifier,
+)
 from recurra.decode.cost_model import CPU_2CORE_SMOLLM2, VerifyCost
 from recurra.decode.jrt_prompt import jrt_prompt
 from recurra.decode.prompt_lookup import PromptLookup

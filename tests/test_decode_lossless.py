@@ -8,8 +8,8 @@ import random
 
 import pytest
 import torch
-
 from decode_models import TinyRecurrentLM, single_thread, tiny_llama, tiny_transformer  # noqa: F401
+
 from recurra.decode import Drafter, DraftTree, generate
 from recurra.decode.recurrent_adapter import RecurrentAdapter
 
@@ -115,7 +115,7 @@ def test_eos_inside_draft_and_budget_edges(name):
 def test_sampling_speculative_reproduces_plain_sampling(name):
     model = MODELS[name]
     ids = prompt(11, 12)
-    kw = dict(strategy="sample", temperature=0.9, top_k=12, top_p=0.95, repetition_penalty=1.1)
+    kw = {"strategy": "sample", "temperature": 0.9, "top_k": 12, "top_p": 0.95, "repetition_penalty": 1.1}
     for seed in range(3):
         ref = generate(model, ids, 30, seed=seed, **kw).tokens[0].tolist()
         full = ids[0].tolist() + ref

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from decode_models import single_thread, tiny_llama  # noqa: F401
+
 from recurra.decode import generate
-from recurra.decode.processors import (NoRepeatNGram, PresenceFrequencyPenalty,
-                                       RepetitionPenalty, Temperature, TopK, TopP)
+from recurra.decode.processors import (
+    NoRepeatNGram,
+    PresenceFrequencyPenalty,
+    RepetitionPenalty,
+    Temperature,
+    TopK,
+    TopP,
+)
 
 transformers = pytest.importorskip("transformers")
-from transformers.generation import logits_process as hf  # noqa: E402
+from transformers.generation import logits_process as hf
 
 
 def test_no_repeat_ngram_known_cases():

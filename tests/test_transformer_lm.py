@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-
 from decode_models import single_thread  # noqa: F401
+
 from recurra.models import build_model, model_config
-from recurra.models.transformer_lm import (TransformerLM, compact_cache, crop_cache,
-                                           reorder_cache)
+from recurra.models.transformer_lm import TransformerLM, compact_cache, crop_cache, reorder_cache
 
 
 def make(positions="rope", seed=0):
@@ -18,10 +17,17 @@ def make(positions="rope", seed=0):
     return TransformerLM(31, 32, 2, n_heads=4, max_len=64, positions=positions).double().eval()
 
 
+def rotate(z, cos, sin):
+    """RoPE by its definition: rotate each (z1_i, z2_i) pair by angle theta_i."""
+    half = z.shape[-1] // 2
+    z1, z2 = z[..., :half], z[..., half:]
+    return torch.cat((z1 * cos - z2 * sin, z2 * cos + z1 * sin), dim=-1)
+
+
 def naive_forward(model, tokens):
     """Plain re-implementation: explicit softmax attention with a causal loop (the oracle)."""
     x = model.embedding(tokens)
-    b, t, d = x.shape
+    _b, t, d = x.shape
     pos = torch.arange(t)
     if model.position_embedding is not None:
         x = x + model.position_embedding(pos)
@@ -38,11 +44,7 @@ def naive_forward(model, tokens):
                 freq = a.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2 / a.head_dim)
                 ang = pos[:, None].double() * freq[None]
                 cos, sin = ang.cos(), ang.sin()
-
-                def rot(z):
-                    z1, z2 = z[..., :half], z[..., half:]
-                    return torch.cat((z1 * cos - z2 * sin, z2 * cos + z1 * sin), dim=-1)
-                qh, kh = rot(qh), rot(kh)
+                qh, kh = rotate(qh, cos, sin), rotate(kh, cos, sin)
             out = torch.zeros_like(qh)
             for i in range(t):
                 w = torch.softmax(qh[:, i:i + 1] @ kh[:, :i + 1].transpose(1, 2)

@@ -20,30 +20,30 @@ import time
 DESCRIPTION = "speculative decoding (prompt lookup, Token Recycling, ADED) and beam search speed"
 
 REWRITE_TEXTS = [
-    "The for statement is used to iterate over the elements of a sequence (such as a string, "
-    "tuple or list) or other iterable object. The expression list is evaluated once; it should "
-    "yield an iterable object. An iterator is created for the result of the expression list. "
-    "The suite is then executed once for each item provided by the iterator, in the order "
-    "returned by the iterator. Each item in turn is assigned to the target list using the "
-    "standard rules for assignments, and then the suite is executed.",
-    "The with statement is used to wrap the execution of a block with methods defined by a "
-    "context manager. This allows common try, except, finally usage patterns to be "
-    "encapsulated for convenient reuse. The context expression is evaluated to obtain a context "
-    "manager. The context manager's enter method is loaded for later use, and its exit method "
-    "is invoked when the block finishes, even if an exception was raised inside the block.",
-    "Bicycles were introduced in the 19th century in Europe. By the early 21st century there "
-    "were more than one billion bicycles in the world. They are the principal means of "
-    "transport in many regions. They also provide a popular form of recreation, and have been "
-    "adapted for use as children's toys, general fitness, military and police applications, "
-    "courier services, and bicycle racing.",
+    ("The for statement is used to iterate over the elements of a sequence (such as a string, "
+     "tuple or list) or other iterable object. The expression list is evaluated once; it should "
+     "yield an iterable object. An iterator is created for the result of the expression list. "
+     "The suite is then executed once for each item provided by the iterator, in the order "
+     "returned by the iterator. Each item in turn is assigned to the target list using the "
+     "standard rules for assignments, and then the suite is executed."),
+    ("The with statement is used to wrap the execution of a block with methods defined by a "
+     "context manager. This allows common try, except, finally usage patterns to be "
+     "encapsulated for convenient reuse. The context expression is evaluated to obtain a context "
+     "manager. The context manager's enter method is loaded for later use, and its exit method "
+     "is invoked when the block finishes, even if an exception was raised inside the block."),
+    ("Bicycles were introduced in the 19th century in Europe. By the early 21st century there "
+     "were more than one billion bicycles in the world. They are the principal means of "
+     "transport in many regions. They also provide a popular form of recreation, and have been "
+     "adapted for use as children's toys, general fitness, military and police applications, "
+     "courier services, and bicycle racing."),
 ]
 PROMPTS = {
     "rewrite": [f"Rewrite the following text in your own words, keeping every fact:\n\n{t}"
                 for t in REWRITE_TEXTS],
     "code": ["Write a Python function that checks whether a number is prime. Include a docstring.",
              "Write a Python class for a stack with push, pop, peek and is_empty methods.",
-             "Write a Python function that reads a CSV file and returns the average of each "
-             "numeric column."],
+             ("Write a Python function that reads a CSV file and returns the average of each "
+              "numeric column.")],
     "chat": ["Tell me about the history of the bicycle.",
              "What are some good habits for getting better sleep?",
              "Explain why the sky is blue to a ten-year-old."],
@@ -78,9 +78,9 @@ def _ids(tokenizer, text, chat: bool):
     return torch.tensor([tokenizer.encode(text)])
 
 
-def _time(fn):
+def _time(fn, *args):
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     return out, time.perf_counter() - start
 
 
@@ -92,7 +92,7 @@ def _run_suite(label, methods, prompts, reference_name, log):
         order = names[i % len(names):] + names[:i % len(names)]
         results = {}
         for name in order:
-            (tokens, mat), seconds = _time(lambda: methods[name](ids))
+            (tokens, mat), seconds = _time(methods[name], ids)
             results[name] = (tokens, mat, seconds)
         ref = results[reference_name][0]
         for name in names:
@@ -148,7 +148,7 @@ def _smollm2_methods(args, log):
     prompts = [(kind, _ids(tokenizer, text, chat=True)) for kind in args.kinds.split(",")
                for text in PROMPTS[kind][:args.prompts_per_kind]]
     warm = _ids(tokenizer, WARMUP_PROMPT, chat=True)
-    for name, fn in methods.items():
+    for fn in methods.values():
         fn(warm)
     log("[smollm2] warmed up")
     beams = None
@@ -216,7 +216,7 @@ def run(args) -> int:
     from recurra.bench.harness import bar_chart, write_results
 
     torch.set_num_threads(args.threads)
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, flush=True)
     rows, beam_rows = [], []
     load = os.getloadavg()[0]
     for label in args.models.split(","):
@@ -277,7 +277,7 @@ def run(args) -> int:
                         "identical"], table, extra={"per_prompt": rows, "beam": beam_rows,
                                                     "goals": goals}, notes=notes)
     labels, series = [], {}
-    for (model, kind, method), e in summary.items():
+    for (model, kind, method) in summary:
         if method == "greedy (ours)":
             continue
         label = f"{model}/{kind}"

@@ -9,5 +9,16 @@ from .speculative import Drafter
 from .stats import DecodeStats
 from .tree import DraftTree, TreeTemplate
 
-__all__ = ["generate", "stream", "GenerateOutput", "DecodeStats", "DecodeAdapter",
-           "DecodeSession", "as_adapter", "Drafter", "DraftTree", "TreeTemplate", "drafter_for"]
+__all__ = [
+    "DecodeAdapter",
+    "DecodeSession",
+    "DecodeStats",
+    "DraftTree",
+    "Drafter",
+    "GenerateOutput",
+    "TreeTemplate",
+    "as_adapter",
+    "drafter_for",
+    "generate",
+    "stream",
+]

@@ -20,7 +20,7 @@ sample-and-match) instead of the paper's per-row nucleus sampling, which is bias
 from __future__ import annotations
 
 import heapq
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .cost_model import CPU_2CORE_SMOLLM2, VerifyCost
 from .speculative import Drafter

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ def autoregressive_decode(session: DecodeSession, input_ids: torch.Tensor, max_n
     logits = session.append(input_ids, logits_to_keep=1)[:, -1]
     stats.prefill_seconds += time.perf_counter() - t0
     sequences = input_ids
-    eos = torch.tensor(sorted(set(int(e) for e in eos_token_ids)), dtype=torch.long,
+    eos = torch.tensor(sorted({int(e) for e in eos_token_ids}), dtype=torch.long,
                        device=input_ids.device)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for t in range(max_new_tokens):

@@ -23,7 +23,7 @@ accumulated log-probability.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

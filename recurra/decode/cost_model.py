@@ -14,7 +14,7 @@ a table for any adapter.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

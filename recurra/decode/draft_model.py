@@ -18,7 +18,7 @@ absorbs the accepted path.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -125,7 +125,7 @@ def draft_model_decode(target, draft, prompt: Sequence[int], max_new_tokens: int
         raise ValueError(f"draft model vocabulary ({draft.vocab_size}) must equal the target's "
                          f"({target.vocab_size})")
     stats = stats if stats is not None else DecodeStats()
-    eos = set(int(e) for e in eos_token_ids)
+    eos = {int(e) for e in eos_token_ids}
     history = [int(t) for t in prompt]
     t_session, d_session = target.new_session(), draft.new_session()
     t0 = time.perf_counter()

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ STRATEGIES = ("greedy", "sample", "beam", "diverse_beam", "conditional_beam")
 SPECULATIVE = ("prompt_lookup", "token_recycling", "aded", "draft", "rsd")
 
 # drafters that learn across calls (Token Recycling's matrix, ADED's table) live per model
-_DRAFTERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_DRAFTERS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 @dataclass

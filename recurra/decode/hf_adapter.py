@@ -8,7 +8,7 @@ moves the path's keys/values to contiguous slots in every layer and crops the re
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,7 +25,7 @@ def _cache_layers(cache):
 
 
 class HFSession(DecodeSession):
-    def __init__(self, adapter: "HFAdapter"):
+    def __init__(self, adapter: HFAdapter):
         from transformers import DynamicCache
 
         self.adapter = adapter

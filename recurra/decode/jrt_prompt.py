@@ -8,7 +8,8 @@ for text or for token ids.
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 T = TypeVar("T", str, list)
 

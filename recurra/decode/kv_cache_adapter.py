@@ -7,7 +7,7 @@ contiguous slots ``L, L+1, ...`` and drops the rest (a chain is simply cropped).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ from .tree import DraftTree
 
 
 class KVCacheSession(DecodeSession):
-    def __init__(self, adapter: "KVCacheAdapter"):
+    def __init__(self, adapter: KVCacheAdapter):
         self.adapter = adapter
         self.model = adapter.model
         self.cache = None

@@ -12,7 +12,7 @@ Warpers for sampling (:class:`Temperature`, :class:`TopK`, :class:`TopP`) are pr
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 

@@ -18,7 +18,7 @@ behaviour (the anchor).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .cost_model import CPU_2CORE_SMOLLM2, VerifyCost
 from .speculative import Drafter

@@ -22,7 +22,7 @@ recurrent state), :class:`~recurra.decode.kv_cache_adapter.KVCacheAdapter` (our
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

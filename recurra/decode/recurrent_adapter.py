@@ -16,7 +16,7 @@ saves forward passes (and Python overhead), not sequential depth.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,7 +25,7 @@ from .tree import DraftTree
 
 
 class RecurrentSession(DecodeSession):
-    def __init__(self, adapter: "RecurrentAdapter"):
+    def __init__(self, adapter: RecurrentAdapter):
         self.adapter = adapter
         self.model = adapter.model
         self.state = None

@@ -19,7 +19,7 @@ enumeration test) both read the same plan.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import keyword
 import tokenize
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -19,7 +19,7 @@ token, see :mod:`recurra.decode.sampling`).
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -56,7 +56,7 @@ def speculative_decode(session: DecodeSession, prompt: Sequence[int], drafter: D
     """Yields the emitted tokens of every step (batch 1)."""
     stats = stats if stats is not None else DecodeStats()
     history = [int(t) for t in prompt]
-    eos = set(int(e) for e in eos_token_ids)
+    eos = {int(e) for e in eos_token_ids}
     t0 = time.perf_counter()
     if len(history) > 1:
         session.append(torch.tensor([history[:-1]], device=_device(session)), logits_to_keep=1)

@@ -18,7 +18,7 @@ the project's CPU machines (see docs/decoding.md and ``recurra bench decode --sw
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -12,9 +12,9 @@ successor of the root's top-0 successor); Token Recycling fills it from its adja
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Sequence
 
 import torch
 
@@ -41,7 +41,7 @@ class DraftTree:
                                  f"got {p}")
 
     @classmethod
-    def chain(cls, root: int, drafts: Sequence[int]) -> "DraftTree":
+    def chain(cls, root: int, drafts: Sequence[int]) -> DraftTree:
         """A root followed by a single line of drafts (prompt lookup, draft models)."""
         return cls([int(root), *map(int, drafts)], list(range(-1, len(drafts))))
 
@@ -85,7 +85,7 @@ class DraftTree:
             mask[i, i] = True
         return mask.to(device) if device is not None else mask
 
-    def padded(self, size: int) -> "DraftTree":
+    def padded(self, size: int) -> DraftTree:
         """The tree grown to ``size`` nodes with dummy leaves (only to reach a cheaper batch
         shape; callers ignore the logits of nodes >= len(self)). Chains stay chains."""
         if size <= len(self):
@@ -126,7 +126,7 @@ class TreeTemplate:
     @classmethod
     def best_first(cls, size: int, rank_acceptance: Sequence[float] = (
             0.55, 0.14, 0.07, 0.045, 0.03, 0.022, 0.017, 0.013), max_depth: int = 8
-    ) -> "TreeTemplate":
+    ) -> TreeTemplate:
         """The ``size``-node tree (root included) with the largest expected accepted length when
         the rank-r successor is right with probability ``rank_acceptance[r]`` independently per
         level: keeps the ``size - 1`` rank paths of highest probability (a product along the

@@ -115,7 +115,7 @@ class Block(nn.Module):
         self.attn = Attention(d, config.n_heads, config.dropout, config.positions == "rope",
                               config.rope_base)
         self.norm_mlp = nn.RMSNorm(d, eps=1e-6)
-        self.mlp = MLP(d, int(round(config.mlp_ratio * d)), config.dropout)
+        self.mlp = MLP(d, round(config.mlp_ratio * d), config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, positions, mask, layer_cache):
@@ -279,5 +279,12 @@ def reorder_cache(cache: KVCache, index: torch.Tensor) -> KVCache:
     return tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in cache)
 
 
-__all__ = ["TransformerLM", "TransformerLMConfig", "crop_cache", "compact_cache",
-           "reorder_cache", "cache_length", "apply_rope"]
+__all__ = [
+    "TransformerLM",
+    "TransformerLMConfig",
+    "apply_rope",
+    "cache_length",
+    "compact_cache",
+    "crop_cache",
+    "reorder_cache",
+]
