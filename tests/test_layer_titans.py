@@ -141,7 +141,7 @@ def titans_state(layer, batch, gen):
     state = list(random_state(layer, batch, gen))
     n = layer.memory.n_state
     state[n - 1] = torch.randint(0, layer.memory.chunk, (batch,), generator=gen).to(D64)
-    if layer.variant != "lmm":
+    if layer.variant in ("mag", "mal"):
         state[-1] = torch.randint(0, 2, state[-1].shape, generator=gen).to(D64)
     return tuple(state)
 
@@ -151,6 +151,8 @@ CONFIGS = [
     dict(variant="lmm", memory_depth=2, chunk=3),
     dict(variant="mag", memory_depth=2, chunk=4, window=3, persistent=2),
     dict(variant="mal", memory_depth=1, chunk=2, window=4, persistent=1),
+    dict(variant="mac", memory_depth=2, chunk=3, persistent=2),
+    dict(variant="mac", memory_depth=1, chunk=4, persistent=0),
 ]
 
 
@@ -214,3 +216,37 @@ def test_trains_inside_recurrent_lm():
         losses.append(loss.item())
     assert losses[0] > 1.9  # ~ln 8
     assert losses[-1] < 0.75 * losses[0]
+
+
+def test_mac_equals_a_plain_token_loop():
+    # oracle: per token, h from the memory at the segment start, softmax over persistent tokens
+    # and the (h_j, x_j) of the segment so far, the output written into the memory one token at
+    # a time, y = W_o(a * sigmoid(M(a)))
+    from recurra.ops.titans_memory import memory_apply
+
+    torch.manual_seed(3)
+    C, H, dh = 3, 2, 2
+    layer = TitansLayer(4, variant="mac", heads=H, head_dim=dh, memory_hidden=3, chunk=C,
+                        persistent=2, max_lr=0.5).double()
+    x = torch.randn(1, 8, 4, dtype=D64)
+    y, _ = layer(x)
+    mem = layer.memory
+    state = mem.init_state(1, "cpu", D64)
+    seg_k, seg_v, ys = [], [], []
+    for t in range(8):
+        if t % C == 0:
+            w_start, seg_k, seg_v = state[:mem.depth], [], []
+        xt = x[:, t]
+        hq = F.normalize(layer.to_hq(xt).view(1, H, 1, dh), dim=-1)
+        h = memory_apply(w_start, hq).reshape(1, H * dh)
+        hk, hv = layer.to_hkv(h).view(2, H, dh)
+        xq, xk, xv = layer.to_xqkv(xt).view(3, H, dh)
+        seg_k += [hk, xk]
+        seg_v += [hv, xv]
+        keys = torch.cat([layer.persistent_k, torch.stack(seg_k)], 0)  # (n, H, dh)
+        vals = torch.cat([layer.persistent_v, torch.stack(seg_v)], 0)
+        p = torch.softmax(torch.einsum("hd,nhd->hn", xq, keys) / math.sqrt(dh), -1)
+        a = torch.einsum("hn,nhd->hd", p, vals).reshape(1, H * dh)
+        m, state = mem(layer.to_mid(a).unsqueeze(1), state, None)
+        ys.append(layer.to_out(a * torch.sigmoid(m[:, 0])))
+    torch.testing.assert_close(y[0], torch.cat(ys, 0), atol=1e-12, rtol=1e-10)

@@ -7,15 +7,22 @@
 - ``"mag"`` (memory as a gate): y = W_O( SWA(x) * sigmoid(LMM(x)) ), where SWA is sliding-window
   attention of width ``window`` with ``persistent`` learned key/value tokens always visible.
 - ``"mal"`` (memory as a layer): y = W_O SWA( W_M LMM(x) ).
+- ``"mac"`` (memory as context), causal form: the sequence is cut into segments of ``chunk``
+  tokens (the memory's re-basing interval). For token t of a segment, h_t = M_{W'}(q^h_t) is read
+  from the memory as it was at the segment's start (W'); attention of t covers the persistent
+  tokens and, for every earlier-or-same token j of the segment, two tokens: h_j and x_j;
+  its output a_t is written into the memory (the LMM on W_M a), and y = W_O(a * sigmoid(LMM)).
 
 State (batch first): the memory weights, momentum, base weights (one tensor (B, H, ., .) per MLP
 matrix each), the chunk phase (B,) and, for MAG/MAL, the attention cache: keys, values
 (B, window - 1, H, head_dim) and their 0/1 valid flags (B, window - 1). Everything is constant in
-the sequence length, so ``step`` runs in constant memory.
+the sequence length, so ``step`` runs in constant memory. MAC's cache holds the keys and values
+of the current segment's tokens (B, chunk - 1, 2, H, head_dim) each; which of them belong to the
+segment follows from the phase.
 
 Simplifications against the paper (documented in docs/layers-zoo-b.md): no short depthwise conv on
 q/k/v; gates per token (not per chunk); persistent tokens enter the attention only (not the memory);
-MAC (memory as context) is not implemented.
+MAC attends causally inside its segment (token t sees h_j and x_j for j <= t only).
 """
 
 from __future__ import annotations
@@ -27,11 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.sliding_window_attention import sliding_window_attention
-from ..ops.titans_memory import neural_memory_chunked
+from ..ops.titans_memory import memory_apply, neural_memory_chunked, phase_as_long
 from .base import RecurrentLayer, State
 from .registry import register
 
-VARIANTS = ("lmm", "mag", "mal")
+VARIANTS = ("lmm", "mag", "mal", "mac")
 
 
 class NeuralMemory(nn.Module):
@@ -160,11 +167,23 @@ class TitansLayer(RecurrentLayer):
         elif variant == "mal":
             self.to_mid = nn.Linear(inner, d_model, bias=False)
             self.attention = SlidingWindowAttention(d_model, heads, head_dim, window, persistent)
+        elif variant == "mac":
+            self.to_hq = nn.Linear(d_model, inner, bias=False)  # memory query for h
+            self.to_xqkv = nn.Linear(d_model, 3 * inner, bias=False)  # token query, key, value
+            self.to_hkv = nn.Linear(inner, 2 * inner, bias=False)  # key, value of the h tokens
+            self.to_mid = nn.Linear(inner, d_model, bias=False)
+            if not isinstance(persistent, int) or persistent < 0:
+                raise ValueError(f"persistent must be an int >= 0, got {persistent!r}")
+            self.persistent_k = nn.Parameter(torch.randn(persistent, heads, head_dim))
+            self.persistent_v = nn.Parameter(torch.randn(persistent, heads, head_dim))
         self.to_out = nn.Linear(inner, d_model, bias=False)
 
     def state_shapes(self, batch_size: int) -> list[tuple[int, ...]]:
         shapes = self.memory.state_shapes(batch_size)
-        if self.variant != "lmm":
+        if self.variant == "mac":
+            cache = (batch_size, self.memory.chunk - 1, 2, self.memory.heads, self.memory.head_dim)
+            shapes += [cache, cache]
+        elif self.variant != "lmm":
             shapes += self.attention.state_shapes(batch_size)
         return shapes
 
@@ -175,14 +194,16 @@ class TitansLayer(RecurrentLayer):
         device = ref.device if device is None else device
         dtype = ref.dtype if dtype is None else dtype
         state = self.memory.init_state(batch_size, device, dtype)
-        if self.variant != "lmm":
-            state += tuple(torch.zeros(s, device=device, dtype=dtype)
-                           for s in self.attention.state_shapes(batch_size))
+        n = self.memory.n_state
+        state += tuple(torch.zeros(s, device=device, dtype=dtype)
+                       for s in self.state_shapes(batch_size)[n:])
         return state
 
     def _forward(self, x: torch.Tensor, state: State, lengths: torch.Tensor | None):
         n = self.memory.n_state
         mem_state, attn_state = state[:n], state[n:]
+        if self.variant == "mac":
+            return self._forward_mac(x, mem_state, attn_state, lengths)
         if self.variant == "lmm":
             y, mem_state = self.memory(x, mem_state, lengths)
             out = self.to_out(y)
@@ -201,7 +222,103 @@ class TitansLayer(RecurrentLayer):
         return out, (*mem_state, *attn_state)
 
 
+    def _forward_mac(self, x, mem_state, cache, lengths):
+        b, t, _ = x.shape
+        mem = self.memory
+        C, h, dh, n_mem = mem.chunk, mem.heads, mem.head_dim, mem.depth
+        dev, dt = x.device, x.dtype
+        zero = torch.zeros((), dtype=dt, device=dev)
+        p = phase_as_long(mem_state[-1], C)
+        n = torch.full((b,), t, device=dev, dtype=torch.long) if lengths is None else lengths
+        xq, xk, xv = self.to_xqkv(x).view(b, t, 3, h, dh).unbind(2)
+        hq = F.normalize(self.to_hq(x).view(b, t, h, dh), dim=-1)
+        cache_k, cache_v = cache
+        r = torch.arange(C, device=dev)
+        causal = r.view(C, 1) >= r.view(1, C)  # slot j visible to slot i when j <= i
+        eye = torch.zeros(1, 1, C, C, 2, dtype=torch.bool, device=dev)
+        eye[..., 1] = torch.eye(C, dtype=torch.bool, device=dev)
+        scale = 1.0 / math.sqrt(dh)
+        n_seg = -(-(t + int(p.max())) // C)
+        outs, keys, vals = [], [], []
+        for c in range(n_seg):
+            tok = (c * C - p).unsqueeze(1) + r  # (B, C): token of each slot of this segment
+            real = (tok >= 0) & (tok < n.unsqueeze(1))
+            cached = tok < 0  # earlier tokens of the current segment: in the cache
+            idx = tok.clamp(0, t - 1)
+
+            def take(z):  # (B, T, ...) -> (B, C, ...) at the slots' tokens
+                ix = idx.view(b, C, *([1] * (z.dim() - 2))).expand(b, C, *z.shape[2:])
+                return z.gather(1, ix)
+
+            # h: read of the memory as it was at the start of the segment
+            W, Wb, ph = mem_state[:n_mem], mem_state[2 * n_mem:3 * n_mem], mem_state[-1]
+            start = tuple(torch.where((ph == 0).view(b, 1, 1, 1), w, wb) for w, wb in zip(W, Wb))
+            hvec = memory_apply(start, take(hq).transpose(1, 2)).transpose(1, 2)  # (B, C, H, dh)
+            hk, hv = self.to_hkv(hvec.reshape(b, C, h * dh)).view(b, C, 2, h, dh).unbind(2)
+            k_new = torch.stack([hk, take(xk)], 2)  # (B, C, 2, H, dh)
+            v_new = torch.stack([hv, take(xv)], 2)
+            cidx = (C - 1 + tok).clamp(0, C - 2) if C > 1 else torch.zeros_like(tok)
+
+            def from_cache(z):
+                if C == 1:
+                    return torch.zeros_like(k_new)
+                ix = cidx.view(b, C, 1, 1, 1).expand(b, C, *z.shape[2:])
+                return z.gather(1, ix)
+
+            sel = cached.view(b, C, 1, 1, 1)
+            k_slot = torch.where(sel, from_cache(cache_k), torch.where(real.view(b, C, 1, 1, 1),
+                                                                       k_new, zero))
+            v_slot = torch.where(sel, from_cache(cache_v), torch.where(real.view(b, C, 1, 1, 1),
+                                                                       v_new, zero))
+            keys.append(k_new)
+            vals.append(v_new)
+            valid = (real | cached).view(b, 1, 1, C, 1) & causal.view(1, 1, C, C, 1)
+            valid = valid | eye  # every slot sees its own x token: no empty softmax anywhere
+            q_slot = take(xq)
+            s = torch.einsum("bihd,bjshd->bhijs", q_slot, k_slot) * scale  # (B, H, C, C, 2)
+            s = s.masked_fill(~valid, float("-inf")).reshape(b, h, C, 2 * C)
+            sp = torch.einsum("bihd,phd->bhip", q_slot, self.persistent_k) * scale
+            probs = torch.softmax(torch.cat([sp, s], -1), -1)
+            npers = self.persistent_k.shape[0]
+            a = (torch.einsum("bhip,phd->bihd", probs[..., :npers], self.persistent_v)
+                 + torch.einsum("bhij,bjhd->bihd", probs[..., npers:],
+                                v_slot.reshape(b, 2 * C, h, dh)))
+            a = a.reshape(b, C, h * dh)
+            # write the segment's outputs into the memory (left-aligned per row)
+            first = torch.where(tok[:, :1] < 0, -tok[:, :1], torch.zeros_like(tok[:, :1]))  # (B,1)
+            count = (real.sum(1)).long()
+            lidx = (first + r).clamp(max=C - 1)
+            a_left = a.gather(1, lidx.unsqueeze(-1).expand(b, C, a.shape[-1]))
+            m_left, mem_state = mem(self.to_mid(a_left), mem_state, count)
+            back = (r.unsqueeze(0) - first).clamp(min=0)
+            m = m_left.gather(1, back.unsqueeze(-1).expand(b, C, m_left.shape[-1]))
+            o = self.to_out(a * torch.sigmoid(m))
+            outs.append(torch.where(real.unsqueeze(-1), o, zero))
+        # slots -> tokens: token t of row b sits in slot t + p_b of the concatenated segments
+        pos = (torch.arange(t, device=dev).unsqueeze(0) + p.unsqueeze(1))  # (B, T)
+
+        def to_tokens(parts):
+            z = torch.cat(parts, 1)
+            ix = pos.view(b, t, *([1] * (z.dim() - 2))).expand(b, t, *z.shape[2:])
+            return z.gather(1, ix)
+
+        out = to_tokens(outs)
+        # new cache: the last chunk - 1 tokens before each row's length (older ones are masked by
+        # the phase when read)
+        if C > 1:
+            ks = torch.cat([cache_k, to_tokens(keys)], 1)
+            vs = torch.cat([cache_v, to_tokens(vals)], 1)
+            ix = (n.unsqueeze(1) + torch.arange(C - 1, device=dev)).view(b, C - 1, 1, 1, 1)
+            cache_k = ks.gather(1, ix.expand(b, C - 1, *ks.shape[2:]))
+            cache_v = vs.gather(1, ix.expand(b, C - 1, *vs.shape[2:]))
+        if lengths is not None:
+            live = torch.arange(t, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
+            out = torch.where(live.unsqueeze(-1), out, zero)
+        return out, (*mem_state, cache_k, cache_v)
+
+
 @register("titans", "Titans neural long-term memory (MLP memory, momentum, forgetting, chunked "
-                    "test-time learning); variant='mag'/'mal' adds sliding-window attention")
+                    "test-time learning); variant='mag'/'mal' add sliding-window attention, 'mac' "
+                    "segment attention over memory reads")
 def build_titans(d_model: int, **options) -> TitansLayer:
     return TitansLayer(d_model, **options)
