@@ -29,12 +29,13 @@ LAYERS = {
                                            "window": 128}),
     "titans mal (window 128)": ("titans", {"variant": "mal", "heads": 4, "chunk": 64,
                                            "window": 128}),
+    "titans mac (segment 64)": ("titans", {"variant": "mac", "heads": 4, "chunk": 64}),
     "plstm P (4 heads, chunk 64)": ("plstm", {"heads": 4, "chunk": 64}),
     "plstm D (4 heads, chunk 64)": ("plstm", {"heads": 4, "chunk": 64, "mode": "D"}),
 }
 MEMORY_LAYERS = ["fsmn (order 20)", "fsmn gated dilated (order 4, 3 levels)",
                  "titans lmm (4 heads, chunk 64)", "titans mag (window 128)",
-                 "plstm P (4 heads, chunk 64)"]
+                 "titans mac (segment 64)", "plstm P (4 heads, chunk 64)"]
 
 
 def add_arguments(parser) -> None:
