@@ -15,6 +15,15 @@ from recurra.layers import describe
 from recurra.train.checkpoint import load_model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models on a shared CPU: one thread avoids OpenMP spin-waiting (30x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def text_file(tmp_path):
     from recurra.tasks.corpus import load_corpus

@@ -11,6 +11,15 @@ from torch import nn
 from recurra.layers import RecurrentLayer, register
 from recurra.models import RecurrentLM, build_model, model_config
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models on a shared CPU: one thread avoids OpenMP spin-waiting (30x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 STAND_IN = "test-tanh-rnn"
 
 

@@ -76,6 +76,9 @@ def pick_token(scores, temperature: float, top_k: int | None, top_p: float | Non
 
 
 def run(args) -> int:
+    from recurra.commands.train import quiet_openmp
+
+    quiet_openmp()
     import sys
 
     from recurra.decode import generate

@@ -26,17 +26,17 @@ class TrainConfig:
     seq_len: int = 32
     #: parallel streams per process (with torchrun, each rank has its own)
     batch_size: int = 64
-    steps: int = 200
+    steps: int = 600
     lr: float = 4e-3
     #: the cosine decays to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     seed: int = 0
     #: evaluate (and checkpoint) every this many steps, and at the end
-    eval_every: int = 100
+    eval_every: int = 200
     #: parallel streams used to read the validation text
     eval_batch_size: int = 32
     out: str = "runs/default"
