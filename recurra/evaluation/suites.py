@@ -38,9 +38,10 @@ def suite_cells(name: str, seed: int = 0) -> list[CellSpec]:
         return (_grid(["parity"], STATE_TRACKING_MODELS, 16, (8, 16, 32, 64, 128), seed)
                 + _grid(["s5"], STATE_TRACKING_MODELS, 16, (8, 16, 32, 64), seed))
     if name == "jrt":
-        tasks = ["set_disjointness:order=short_first", "set_disjointness:order=long_first",
-                 "set_disjointness:order=long_first:jrt_prompt=true"]
-        return _grid(tasks, JRT_MODELS, 16, (8, 16, 32, 48), seed)
+        base = "set_disjointness:n_items=32:short_size=2"
+        tasks = [f"{base}:order=short_first", f"{base}:order=long_first",
+                 f"{base}:order=long_first:jrt_prompt=true"]
+        return _grid(tasks, JRT_MODELS, 8, (4, 8, 16, 24), seed)
     if name == "stuffed_mamba":
         # capacity against state size: random needle depth (train and test)
         capacity = [f"mamba2:d_state={n}" for n in PASSKEY_STATE_SIZES] + ["gru"]
@@ -49,7 +50,7 @@ def suite_cells(name: str, seed: int = 0) -> list[CellSpec]:
         return (_grid(["passkey"], capacity, PASSKEY_TRAIN, PASSKEY_TESTS, seed)
                 + _grid(["passkey@depth=1"], collapse, PASSKEY_TRAIN, PASSKEY_TESTS, seed))
     if name == "length_generalisation":
-        return _grid(["copy", "reverse"], LENGTH_MODELS, 16, (8, 16, 24, 32, 48, 64), seed)
+        return _grid(["copy", "reverse"], LENGTH_MODELS, 8, (4, 8, 12, 16, 24, 32), seed)
     if name == "smoke":
         return (_grid(["parity"], ["lstm"], 16, (16, 32), seed)
                 + _grid(["set_disjointness:n_items=16:short_size=2"], ["gru"], 4, (4, 8), seed))
