@@ -18,7 +18,8 @@ densely concatenated one.
 
 Streaming.
 - ``lookahead_order == 0`` (causal): ``step`` is exact with constant memory (the state holds the
-  last N1*s1*2^l frames of each stage's input); the layer passes the whole contract.
+  last N1*s1*2^l frames of each stage's input, advanced by the shift-register op); the layer
+  passes the whole contract.
 - ``lookahead_order > 0``: the layer reads the future, so ``causal = False`` and ``step`` raises.
   ``stream_step`` gives output t - ``delay`` when frame t arrives (``delay = sum_l N2 s2 2^l``,
   zeros for the first ``delay`` calls of a fresh stream) and ``stream_flush`` returns the last
@@ -116,6 +117,28 @@ class FSMNLayer(RecurrentLayer):
         if mask is not None:
             y = torch.where(mask, y, torch.zeros((), dtype=y.dtype, device=y.device))
         return y, tuple(finals)
+
+    # ------------------------------------------------------------------ causal step
+    def step(self, x_t: torch.Tensor, state: State | None = None):
+        """One frame of a causal FSMN with the shift-register op (an implementation independent of
+        the convolution in ``forward``; the contract tests hold the two equal)."""
+        if not self.causal:
+            return super().step(x_t, state)  # raises: a lookahead layer has stream_step instead
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[1] != self.input_size:
+            raise ValueError(f"x_t must have shape (batch, {self.input_size}) for step(), got "
+                             f"{tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else x_t!r}")
+        if state is None:
+            state = self.init_state(x_t.shape[0], device=x_t.device, dtype=x_t.dtype)
+        else:
+            state = self.check_state(state, x_t.unsqueeze(1))
+        u, v = self._gate_inputs(x_t)
+        z = self._project(u)
+        new = []
+        for l, (s1, s2) in enumerate(self.strides):
+            m, buf = fsmn_memory_step(z, state[l], self.lookback[l], self.lookahead[l], s1, s2)
+            new.append(buf)
+            z = z + m
+        return self._combine(x_t, u, v, z), tuple(new)
 
     # ------------------------------------------------------------------ delayed streaming
     def init_stream_state(self, batch_size: int, device=None, dtype=None) -> State:
