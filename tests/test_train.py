@@ -155,6 +155,12 @@ def test_resume_drops_log_rows_after_the_checkpoint_and_checks_config(tmp_path):
     assert [r["step"] for r in _rows(log)] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
     with pytest.raises(ValueError, match="batch_size is 8 but the checkpoint was trained with 4"):
         train(tiny_config(tmp_path, steps=8, batch_size=8), resume=True, verbose=False)
+    state = torch.load(tmp_path / "run" / "training_state.pt", weights_only=True)
+    assert state["data"]["epoch"] == 0 and state["data"]["batch_in_epoch"] == 6
+    text = tmp_path / "text.txt"
+    text.write_bytes(text.read_bytes().replace(b"e", b"E"))
+    with pytest.raises(ValueError, match="has changed since the checkpoint"):
+        train(tiny_config(tmp_path, steps=8), resume=True, verbose=False)
 
 
 def test_checkpoint_round_trip_and_consistency_check(tmp_path):

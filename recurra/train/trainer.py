@@ -15,6 +15,7 @@ states are all restored, and the data position is a function of the step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,14 @@ class TrainResult:
 
 def bytes_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def data_position(corpus_train: bytes, streams: TokenStreams, step: int) -> dict[str, Any]:
+    """Where the next batch reads, and a fingerprint of the text (a resume checks it)."""
+    return {"sha256": hashlib.sha256(corpus_train).hexdigest(), "bytes": len(corpus_train),
+            "batches_per_epoch": streams.batches_per_epoch,
+            "epoch": step // streams.batches_per_epoch,
+            "batch_in_epoch": step % streams.batches_per_epoch}
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -174,6 +183,10 @@ def _train(config: TrainConfig, ctx: Distributed, resume: bool, stop_after: int 
         step = ckpt.load_weights(model, out, device)
         state = ckpt.load_training_state(out, step)
         _check_world_size(state, ctx.world_size)
+        if state["data"]["sha256"] != data_position(corpus.train, streams, step)["sha256"]:
+            source = config.data or "the embedded corpus"
+            raise ValueError(f"cannot resume: the training text of {source!r} has changed since "
+                             f"the checkpoint was written")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         mine = state["ranks"][ctx.rank]
@@ -243,9 +256,11 @@ def _train(config: TrainConfig, ctx: Distributed, resume: bool, stop_after: int 
                 _log(out, row)
                 say(f"step {step}: validation {val_loss:.4f} nats = {bits(val_loss):.3f} bits "
                     f"per byte (unigram baseline {unigram_bpb:.3f})")
-            _save(ctx, out, model, config, step, optimizer, scheduler, carried)
+            _save(ctx, out, model, config, step, optimizer, scheduler, carried,
+                  data_position(corpus.train, streams, step))
     if step == last and last != config.steps and step % config.eval_every != 0:
-        _save(ctx, out, model, config, step, optimizer, scheduler, carried)  # clean stop
+        _save(ctx, out, model, config, step, optimizer, scheduler, carried,  # clean stop
+              data_position(corpus.train, streams, step))
     bar.close()
     result.step = step
     result.seconds = time.perf_counter() - start
@@ -253,12 +268,12 @@ def _train(config: TrainConfig, ctx: Distributed, resume: bool, stop_after: int 
 
 
 def _save(ctx: Distributed, out: Path, model, config: TrainConfig, step: int, optimizer,
-          scheduler, carried) -> None:
+          scheduler, carried, data: dict[str, Any]) -> None:
     mine = {"rng": _rng_state(ctx.device), "carried": _to(carried, "cpu")}
     ranks = gather(ctx, mine)
     if ctx.is_main:
         ckpt.save_checkpoint(out, model, config.to_dict(), step, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "world_size": ctx.world_size, "ranks": ranks,
+            "world_size": ctx.world_size, "ranks": ranks, "data": data,
         })
     barrier(ctx)
