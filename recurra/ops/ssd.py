@@ -13,7 +13,7 @@ with G groups shared by H / G heads each; the state is (b, H, P, N). In Mamba-2,
 - ``ssd_quadratic``: the dense masked form ``y = (L o C B^T) x`` with
   ``L_ij = a_{j+1} ... a_i`` for j <= i (the "attention" form); O(T^2).
 - ``ssd_chunked``: the chunked SSD algorithm: quadratic inside chunks of ``chunk_size`` steps,
-  the recurrence across chunk boundaries; O(T).
+  the recurrence (a loop) across chunk boundaries; O(T).
 
 ``segsum`` computes the log-decays ``sum_{k=j+1..i} log_a_k`` by a masked cumulative sum rather
 than a difference of cumulative sums, which loses precision when the sums grow large.
@@ -132,25 +132,35 @@ def ssd_chunked(
         log_a = F.pad(log_a, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
-    # head-first, chunked: heads split as (groups, heads per group) so B, C broadcast
-    X = x.view(b, nc, q, g, per_group, p).permute(0, 3, 4, 1, 2, 5)      # (b,g,k,nc,q,p)
-    A = log_a.view(b, nc, q, g, per_group).permute(0, 3, 4, 1, 2)       # (b,g,k,nc,q)
-    Bc = B.view(b, nc, q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)     # (b,g,1,nc,q,n)
-    Cc = C.view(b, nc, q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)
-    cum = A.cumsum(-1)
-    # 1. inside each chunk: the masked quadratic form
-    L = segsum(A).exp()                                                  # (b,g,k,nc,q,q)
-    y = ((Cc @ Bc.transpose(-1, -2)) * L) @ X
-    # 2. each chunk's contribution to the state at its end
-    to_end = (cum[..., -1:] - cum).exp().unsqueeze(-1)
-    states = (X * to_end).transpose(-1, -2) @ Bc                         # (b,g,k,nc,p,n)
-    # 3. across chunks: state entering each chunk, then the final state
-    totals = F.pad(cum[..., -1], (1, 0))                                 # (b,g,k,nc+1)
-    all_states = torch.cat([h0.view(b, g, per_group, 1, p, n), states], 3)
-    carried = segsum(totals).exp() @ all_states.flatten(-2)              # (b,g,k,nc+1,p*n)
-    carried = carried.view(b, g, per_group, nc + 1, p, n)
-    entering, final = carried[:, :, :, :-1], carried[:, :, :, -1]
-    # 4. the carried state read out inside each chunk
-    y = y + (Cc @ entering.transpose(-1, -2)) * cum.exp().unsqueeze(-1)
-    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * q, h, p)[:, :t]
+    # chunked, time-major inside a chunk: (b, groups, chunks, q, heads per group, p), a view of
+    # x for one group; B and C (b, groups, chunks, q, n) are shared by a group's heads, which ride
+    # along the matmuls' column axis (k * p) so B and C are never copied per head
+    X = x.view(b, nc, q, g, per_group, p).permute(0, 3, 1, 2, 4, 5)     # (b,g,nc,q,k,p)
+    A = log_a.view(b, nc, q, g, per_group).permute(0, 3, 1, 4, 2)       # (b,g,nc,k,q)
+    Bc = B.view(b, nc, q, g, n).permute(0, 3, 1, 2, 4)                  # (b,g,nc,q,n)
+    Cc = C.view(b, nc, q, g, n).permute(0, 3, 1, 2, 4)
+    cum = A.cumsum(-1)                                                  # (b,g,nc,k,q)
+    cum_t = cum.transpose(-1, -2).unsqueeze(-1)                         # (b,g,nc,q,k,1)
+    # 1. inside each chunk: the masked quadratic form, per head
+    L = segsum(A).exp()                                                 # (b,g,nc,k,q,q)
+    scores = (Cc @ Bc.transpose(-1, -2)).unsqueeze(3) * L               # (b,g,nc,k,q,q)
+    y_diag = scores @ X.transpose(3, 4)                                 # (b,g,nc,k,q,p)
+    # 2. each chunk's contribution to the state at its end: (n, k*p) per chunk
+    to_end = (cum[..., -1:] - cum).exp().transpose(-1, -2).unsqueeze(-1)   # (b,g,nc,q,k,1)
+    Xd = (X * to_end).reshape(b, g, nc, q, per_group * p)
+    states = Bc.transpose(-1, -2) @ Xd                                  # (b,g,nc,n,k*p)
+    states = states.view(b, g, nc, n, per_group, p)
+    # 3. across chunks (a loop: nc elementwise steps): the state entering each chunk
+    chunk_decay = cum[..., -1].exp().view(b, g, nc, 1, per_group, 1)
+    carry = h0.view(b, g, per_group, p, n).permute(0, 1, 4, 2, 3)       # (b,g,n,k,p)
+    entering = []
+    for decay_c, state_c in zip(chunk_decay.unbind(2), states.unbind(2)):  # unbind: one
+        entering.append(carry)                                   # backward stack, not nc fills
+        carry = decay_c * carry + state_c
+    entering = torch.stack(entering, 2).view(b, g, nc, n, per_group * p)
+    final = carry.permute(0, 1, 3, 4, 2)                                # (b,g,k,p,n)
+    # 4. the carried state read out inside each chunk, plus the intra-chunk part
+    y = (Cc @ entering).view(b, g, nc, q, per_group, p) * cum_t.exp()
+    y = y + y_diag.transpose(3, 4)
+    y = y.permute(0, 2, 3, 1, 4, 5).reshape(b, nc * q, h, p)[:, :t]
     return y, final.reshape(b, h, p, n)
