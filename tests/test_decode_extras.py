@@ -151,3 +151,15 @@ def test_jrt_prompt():
         assert "repeats" in str(e)
     else:
         raise AssertionError("repeats=0 must raise")
+
+
+def test_token_recycling_grafts_lookup_chain():
+    t = TreeTemplate.best_first(3, rank_acceptance=(0.5, 0.2), max_depth=3)
+    tr = TokenRecycling(k=2, template=t, lookup=3)
+    history = [5, 6, 7, 8, 9, 1, 5, 6]
+    tr.start(history, 10)
+    tr.matrix[6] = [7, 2]
+    tree = tr.draft(history, 5)
+    # template (0,), (0, 0): 6 -> 7 -> A[7, 0] = 0; lookup copies 7 8 9 after "5 6":
+    # 7 is shared, 8 hangs below it, 9 below 8
+    assert tree.tokens == [6, 7, 0, 8, 9] and tree.parents == [-1, 0, 1, 1, 3]

@@ -11,7 +11,10 @@ import torch
 from decode_models import TinyRecurrentLM, single_thread, tiny_llama, tiny_transformer  # noqa: F401
 
 from recurra.decode import Drafter, DraftTree, generate
+from recurra.decode.aded import ADED
+from recurra.decode.prompt_lookup import PromptLookup
 from recurra.decode.recurrent_adapter import RecurrentAdapter
+from recurra.decode.token_recycling import TokenRecycling
 
 V = 23
 
@@ -81,6 +84,8 @@ def test_greedy_speculative_bit_identical(name, procs):
         ref = generate(model, ids, 30, **kw).tokens[0].tolist()
         cont = ref
         drafters = ["prompt_lookup", "token_recycling", "aded", Drafter(), RandomDrafter(seed),
+                    TokenRecycling(template_size=6, lookup=4), ADED(cost=None),
+                    PromptLookup(adaptive=False, min_ngram=1, num_draft=10, latest=False),
                     OracleDrafter(ids[0].tolist(), cont), OracleDrafter(ids[0].tolist(), cont,
                                                                         depth=3, tree=True)]
         for d in drafters:

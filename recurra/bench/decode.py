@@ -143,6 +143,7 @@ def _smollm2_methods(args, log):
         "prompt lookup (transformers)": hf(prompt_lookup_num_tokens=10),
         "prompt lookup (ours)": ours("prompt_lookup"),
         "token recycling": ours("token_recycling", tr_opts),
+        "token recycling + lookup": ours("token_recycling", {**(tr_opts or {}), "lookup": 8}),
         "aded": ours("aded"),
     }
     prompts = [(kind, _ids(tokenizer, text, chat=True)) for kind in args.kinds.split(",")

@@ -35,11 +35,21 @@ class TokenRecycling(Drafter):
     name = "token_recycling"
 
     def __init__(self, k: int = 8, template: TreeTemplate | None = None,
-                 template_size: int | None = None):
+                 template_size: int | None = None, lookup: int = 0):
         if template is not None and template_size is not None:
             raise ValueError("give either template or template_size, not both")
+        if not isinstance(lookup, int) or lookup < 0:
+            raise ValueError(f"lookup must be an int >= 0 (0 = off), got {lookup!r}")
         self.template = template or TreeTemplate.best_first(
             template_size or DEFAULT_TEMPLATE_SIZE)
+        #: > 0: also graft the prompt-lookup continuation (up to ``lookup`` tokens) of the latest
+        #: earlier occurrence of the context's last 3- or 2-gram onto the tree (an extension of
+        #: the paper: recycled tokens plus copied text, useful when outputs quote the prompt)
+        self.lookup = lookup
+        if lookup:
+            from .prompt_lookup import PromptLookup
+            self._lookup = PromptLookup(max_ngram=3, min_ngram=2, num_draft=lookup,
+                                        adaptive=False)
         if not isinstance(k, int) or k < max(1, self.template.max_rank):
             raise ValueError(f"k must be an int >= the template's largest rank + 1 "
                              f"({self.template.max_rank}), got {k!r}")
@@ -53,6 +63,8 @@ class TokenRecycling(Drafter):
     def start(self, prompt: Sequence[int], vocab_size: int) -> None:
         if self.matrix is None or self.matrix.shape[0] != vocab_size:
             self.matrix = np.zeros((vocab_size, self.k), dtype=np.int64)
+        if self.lookup:
+            self._lookup.start(prompt, vocab_size)
 
     def reset(self) -> None:
         """Forget everything learnt (a "cold start")."""
@@ -85,6 +97,16 @@ class TokenRecycling(Drafter):
             seen[len(out_tokens)] = set()
             out_tokens.append(tok)
             out_parents.append(parent)
+        if self.lookup:  # graft the copied continuation: follow matching nodes, then extend
+            node = 0
+            for tok in self._lookup.draft(history, max_depth).tokens[1:]:
+                child = next((c for c in range(len(out_tokens))
+                              if out_parents[c] == node and out_tokens[c] == tok), None)
+                if child is None:
+                    out_tokens.append(tok)
+                    out_parents.append(node)
+                    child = len(out_tokens) - 1
+                node = child
         return DraftTree(out_tokens, out_parents)
 
     def update(self, tree: DraftTree, logits: torch.Tensor, path, emitted) -> None:
