@@ -34,3 +34,9 @@ def test_every_registered_layer_works_with_defaults(name):
 def test_unknown_layer_name_is_a_value_error_naming_it():
     with pytest.raises(ValueError, match="unknown layer name 'nope'.*available layers: .*lstm"):
         L.build("nope", 8)
+
+
+def test_no_layer_module_fails_to_import():
+    from recurra.layers.registry import broken_modules
+
+    assert broken_modules() == {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +24,7 @@ class LayerEntry:
 
 
 _REGISTRY: dict[str, LayerEntry] = {}
+_BROKEN: dict[str, str] = {}
 _discovered = False
 
 
@@ -47,9 +49,21 @@ def _discover() -> None:
         return
     package = importlib.import_module("recurra.layers")
     for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_"):
+        if info.name.startswith("_"):
+            continue
+        try:
             importlib.import_module(f"recurra.layers.{info.name}")
+        except Exception as e:  # one broken layer file must not take the others down
+            _BROKEN[info.name] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"recurra.layers.{info.name} failed to import and registers no "
+                          f"layer: {_BROKEN[info.name]}", RuntimeWarning, stacklevel=3)
     _discovered = True
+
+
+def broken_modules() -> dict[str, str]:
+    """Layer modules that failed to import (module name -> error); empty when all is well."""
+    _discover()
+    return dict(_BROKEN)
 
 
 def available() -> list[str]:
@@ -68,7 +82,11 @@ def build(name: str, d_model: int, **options) -> RecurrentLayer:
     """Build the layer registered as ``name`` for width ``d_model``."""
     _discover()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown layer name {name!r}; available layers: {', '.join(available())}")
+        broken = "".join(f"; module recurra.layers.{m} failed to import ({err})"
+                         for m, err in _BROKEN.items())
+        raise ValueError(
+            f"unknown layer name {name!r}; available layers: {', '.join(available())}{broken}"
+        )
     if not isinstance(d_model, int) or d_model < 1:
         raise ValueError(f"d_model must be a positive int, got {d_model!r}")
     return _REGISTRY[name].factory(d_model, **options)
