@@ -62,7 +62,7 @@ class NeuralMemory(nn.Module):
         self.to_gates = nn.Linear(d_model, 3 * heads)
         with torch.no_grad():  # start with little forgetting and strong momentum
             self.to_gates.bias.view(3, heads)[1].fill_(2.0)
-            self.to_gates.bias.view(3, heads)[2].fill_(-4.0)
+            self.to_gates.bias.view(3, heads)[2].fill_(-6.0)  # half-life ~ 280 tokens
         dims = [head_dim, head_dim] if depth == 1 else [head_dim, hidden, head_dim]
         self.initial_weights = nn.ParameterList(
             [nn.Parameter(torch.randn(heads, a, b) / math.sqrt(a)) for a, b in zip(dims, dims[1:])])

@@ -1,6 +1,8 @@
 """Titans' neural long-term memory (Behrouz et al., arXiv 2501.00663): test-time learning of an MLP.
 
-The memory is an MLP ``M_W`` (depth 1: ``M(k) = k W1``; depth 2: ``M(k) = silu(k W1) W2``), one per
+The memory is an MLP ``M_W`` (depth 1: ``M(k) = k W1``; depth 2: ``M(k) = silu(k W1) W2 / sqrt(n)``
+with n the hidden width: the scale keeps a gradient step on W2 of size theta * |a|^2 below 1 at
+any width, without it a wide memory diverges at test time), one per
 row of a leading "group" axis G (batch x heads). For token t with key k_t, value v_t, query q_t and
 gates theta_t (learning rate), eta_t (momentum), alpha_t (forgetting), all in (0, 1):
 
@@ -38,10 +40,15 @@ Weights = tuple[torch.Tensor, ...]
 
 # ----------------------------------------------------------------------------- MLP memory
 def memory_apply(weights: Weights, x: torch.Tensor) -> torch.Tensor:
-    """M_W(x) for x (G, ..., d_key): depth 1 ``x W1``, depth 2 ``silu(x W1) W2``."""
+    """M_W(x) for x (G, ..., d_key): depth 1 ``x W1``, depth 2 ``silu(x W1) W2 / sqrt(hidden)``."""
     if len(weights) == 1:
         return x @ weights[0]
-    return F.silu(x @ weights[0]) @ weights[1]
+    return hidden_activation(x @ weights[0]) @ weights[1]
+
+
+def hidden_activation(z: torch.Tensor) -> torch.Tensor:
+    """silu(z) / sqrt(hidden width): the hidden layer of the depth-2 memory."""
+    return F.silu(z) * z.shape[-1] ** -0.5
 
 
 def _silu_grad(z):
@@ -182,9 +189,9 @@ def _chunk(q, k, v, theta, eta, alpha, on, W, S, Wb, tri):
         deltas = (2 * (k @ Wb[0] - v),)
     else:
         z = k @ Wb[0]
-        a = F.silu(z)
+        a = hidden_activation(z)
         d2 = 2 * (a @ Wb[1] - v)
-        d1 = (d2 @ Wb[1].transpose(1, 2)) * _silu_grad(z)
+        d1 = (d2 @ Wb[1].transpose(1, 2)) * _silu_grad(z) * z.shape[-1] ** -0.5
         xs, deltas = (k, a), (d1, d2)
     # decays inside the chunk (log space, masked before exp)
     log_keep, log_eta = torch.log1p(-alpha), torch.log(eta)
@@ -200,7 +207,7 @@ def _chunk(q, k, v, theta, eta, alpha, on, W, S, Wb, tri):
     h = q
     for layer, (w0, s0, x_i, d_i) in enumerate(zip(W, S, xs, deltas)):
         if layer == 1:
-            h = F.silu(h)
+            h = hidden_activation(h)
         h = (beta.unsqueeze(-1) * (h @ w0) + gS.unsqueeze(-1) * (h @ s0)
              + (coef * (h @ x_i.transpose(1, 2))) @ d_i)
     # state at the end of the chunk
