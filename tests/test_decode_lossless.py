@@ -54,9 +54,22 @@ class RandomDrafter(Drafter):
         return DraftTree(tokens, parents)
 
 
+def recurrent_lm():
+    """The project's RecurrentLM (LSTM blocks), sharpened so greedy outputs vary."""
+    from recurra.models import RecurrentLM
+
+    torch.manual_seed(0)
+    model = RecurrentLM(V, 16, 2, layer="lstm", tie_weights=False).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.8)
+    return model
+
+
 def models():
     rec = TinyRecurrentLM(V)
     return {
+        "recurrent-lm": recurrent_lm(),
         "recurrent-levels": rec,
         "recurrent-unroll": RecurrentAdapter(rec, mode="unroll"),
         "transformer": tiny_transformer(V),
