@@ -62,6 +62,8 @@ def add_arguments(p) -> None:
     p.add_argument("--beam-prompts", type=int, default=3,
                    help="prompts (one per kind first) for the beam-search comparison; 0 = skip")
     p.add_argument("--beam-new-tokens", type=int, default=48)
+    p.add_argument("--warmup-tokens", type=int, default=32,
+                   help="tokens each method decodes on the warm-up prompt (not timed)")
     p.add_argument("--recurrent-checkpoint", default=os.path.expanduser(
         "~/.cache/recurra/decode-bench-lstm"))
 
@@ -123,16 +125,17 @@ def _smollm2_methods(args, log):
     tr_opts = {"template_size": args.tr_size} if args.tr_size else None
 
     def ours(spec, opts=None, ad=adapter):
-        def fn(ids):
-            out = generate(ad, ids, n, speculative=spec, speculative_options=opts,
+        def fn(ids, tokens=n):
+            out = generate(ad, ids, tokens, speculative=spec, speculative_options=opts,
                            eos_token_id=eos)
             return out.tokens[0].tolist(), out.stats.mean_accepted
         return fn
 
     def hf(**kw):
-        def fn(ids):
+        def fn(ids, tokens=n):
             with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                out = model.generate(ids, max_new_tokens=tokens, do_sample=False,
+                                     eos_token_id=eos,
                                      pad_token_id=eos, **kw)
             return out[0, ids.shape[1]:].tolist(), None
         return fn
@@ -150,7 +153,7 @@ def _smollm2_methods(args, log):
                for text in PROMPTS[kind][:args.prompts_per_kind]]
     warm = _ids(tokenizer, WARMUP_PROMPT, chat=True)
     for fn in methods.values():
-        fn(warm)
+        fn(warm, args.warmup_tokens)
     log("[smollm2] warmed up")
     beams = None
     if args.beam_prompts:
@@ -193,8 +196,8 @@ def _recurrent_methods(args, log):
     n = args.max_new_tokens
 
     def ours(spec):
-        def fn(ids):
-            out = generate(model, ids, n, speculative=spec)
+        def fn(ids, tokens=n):
+            out = generate(model, ids, tokens, speculative=spec)
             return out.tokens[0].tolist(), out.stats.mean_accepted
         return fn
 
@@ -203,7 +206,7 @@ def _recurrent_methods(args, log):
     prompts = [(kind, torch.tensor([tokenizer.encode(text)])) for kind in args.kinds.split(",")
                for text in PROMPTS[kind][:args.prompts_per_kind]]
     for fn in methods.values():
-        fn(torch.tensor([tokenizer.encode(WARMUP_PROMPT)]))
+        fn(torch.tensor([tokenizer.encode(WARMUP_PROMPT)]), args.warmup_tokens)
     return methods, prompts
 
 
@@ -271,7 +274,8 @@ def run(args) -> int:
              + "\n".join(f"- {g}" for g in goals))
     command = ("recurra bench decode " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k in ("max_new_tokens", "models", "threads", "tr_size", "beam_prompts")
+        if k in ("max_new_tokens", "models", "threads", "tr_size", "prompts_per_kind",
+                 "beam_prompts", "beam_new_tokens")
         and v is not None))
     md = write_results(args.out, "Decoding: speculative methods and beam search", command,
                        ["model", "kind", "method", "tok/s", "speedup vs greedy", "MAT",
