@@ -61,6 +61,7 @@ def run(args) -> None:
     sizes = sorted(((t, b, d) for t in grid_t for b in grid_b for d in grid_d),
                    key=lambda s: (s[0] * s[1] * s[2], s))
     start = time.perf_counter()
+    load_start = _load()
     rows, records, skipped = [], [], []
     for steps, batch, width in tqdm(sizes, desc="pararnn sizes"):
         if args.time_limit is not None and time.perf_counter() - start > args.time_limit:
@@ -129,11 +130,33 @@ def run(args) -> None:
               "nn.GRU ms", "loop/Newton-3", "loop/Newton-tol", "nn.GRU/Newton-3",
               "max diff vs loop (N3 / tol)"]
     notes = _verdict(records, skipped, args)
+    notes += (f"\n\nMachine load (1-minute load average) at start / end: {load_start} / {_load()}"
+              " (on a shared machine, absolute times are inflated; ratios come from "
+              "interleaved rounds in one process).")
     write_results(args.out, "ParaRNN: parallel Newton vs sequential loop (ParaGRU, float32)",
                   _command(args), header, rows, extra={"records": records,
                                                        "skipped": skipped}, notes=notes)
     _chart(args.out + ".png", records)
     print(notes)
+
+
+def _load() -> str:
+    import os
+
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:  # pragma: no cover - not on every platform
+        return "n/a"
+
+
+def _ms(timing) -> float:
+    """Median ms of a Timing or of its JSON form (a dict)."""
+    return timing["median_ms"] if isinstance(timing, dict) else timing.median_ms
+
+
+def replot(json_path: str, png_path: str) -> None:
+    """Redraw the chart from a results JSON (e.g. after changing the chart's layout)."""
+    _chart(png_path, load(json_path)["records"])
 
 
 def _command(args) -> str:
@@ -202,7 +225,7 @@ def _chart(path: str, records) -> None:
     for ax, kind, title in ((axes[0], "forward", "forward"),
                             (axes[1], "forward_backward", "forward + backward")):
         for b, d in series:
-            pts = sorted((r["T"], r[kind]["sequential"].median_ms / r[kind]["newton3"].median_ms)
+            pts = sorted((r["T"], _ms(r[kind]["sequential"]) / _ms(r[kind]["newton3"]))
                          for r in records if (r["B"], r["D"]) == (b, d))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
@@ -214,7 +237,7 @@ def _chart(path: str, records) -> None:
         ax.set_xlabel("T (sequence length)")
         ax.set_title(f"loop / Newton-3 speedup, {title}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("speedup (>1: Newton faster; below the black line the loop wins)")
+    axes[0].set_ylabel("loop time / Newton-3 time (>1: Newton faster)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
