@@ -108,8 +108,9 @@ def autograd_jacobian(step, u: torch.Tensor, h_prev: torch.Tensor, structure: st
 
 # ----------------------------------------------------------------------------- helpers
 def _check_cell(cell) -> str:
-    if not callable(getattr(cell, "step", None)):
-        raise ValueError(f"cell must define step(u, h_prev), got {type(cell).__name__}")
+    if not isinstance(cell, nn.Module) or not callable(getattr(cell, "step", None)):
+        raise ValueError("cell must be an nn.Module (e.g. a NewtonCell) defining step(u, h_prev), "
+                         f"got {type(cell).__name__}")
     structure = getattr(cell, "structure", "diagonal")
     if structure not in STRUCTURES:
         raise ValueError(f"cell.structure must be one of {STRUCTURES}, got {structure!r}")
@@ -175,13 +176,10 @@ def _shift(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
     return torch.cat([h0.unsqueeze(1), h[:, :-1]], 1)
 
 
-def _cell_params(cell) -> tuple[list[str], tuple[torch.Tensor, ...]]:
-    """Names and tensors of the cell's trainable parameters (a module's, or ``cell.params``)."""
-    if isinstance(cell, nn.Module):
-        named = [(n, p) for n, p in cell.named_parameters() if p.requires_grad]
-        return [n for n, _ in named], tuple(p for _, p in named)
-    params = tuple(getattr(cell, "params", ()))
-    return [], params
+def _cell_params(cell: nn.Module) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    """Names and tensors of the cell's trainable parameters."""
+    named = [(n, p) for n, p in cell.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], tuple(p for _, p in named)
 
 
 class _CellCall(nn.Module):
@@ -198,11 +196,9 @@ class _CellCall(nn.Module):
 
 def _step_and_jacobian_with(cell, structure, names, params, u, hp, mask):
     """step and Jacobian evaluated with ``params`` in place of the cell's parameters."""
-    if names:
-        return torch.func.functional_call(
-            _CellCall(cell, structure), {f"cell.{n}": p for n, p in zip(names, params)},
-            (u, hp, mask))
-    return _masked_step_and_jacobian(cell, structure, u, hp, mask)
+    return torch.func.functional_call(
+        _CellCall(cell, structure), {f"cell.{n}": p for n, p in zip(names, params)},
+        (u, hp, mask))
 
 
 # ----------------------------------------------------------------------------- reference loop
