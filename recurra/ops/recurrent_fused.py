@@ -188,13 +188,16 @@ class _GRU(Function):
         hr = _steps(wx, G)  # R h + (0, 0, b_hn), kept for the backward
         hs = _steps(wx, dh)
         diff = wx.new_empty(N, B, dh)
-        bias = torch.cat([bias_hn.new_zeros(N, 1, 2 * dh), bias_hn], -1).expand(N, B, G)
+        # the matmul's additive input: (wx_r, wx_z, b_hn), so that hr_t = (pre-activations of
+        # r and z, R_n h + b_hn) comes out of one addmm
+        inp = torch.empty_like(hr)
+        inp[..., :2 * dh] = wx[..., :2 * dh]
+        inp[..., 2 * dh:] = bias_hn
         h = h0
-        for wx_t, rz_t, n_t, hr_t, h_t in zip(wx.unbind(0), rz.unbind(0), ns.unbind(0),
-                                               hr.unbind(0), hs.unbind(0)):
-            _affine(bias, h, r, out=hr_t)
-            torch.add(wx_t[..., :2 * dh], hr_t[..., :2 * dh], out=rz_t)
-            torch.sigmoid(rz_t, out=rz_t)
+        for wx_t, inp_t, rz_t, n_t, hr_t, h_t in zip(wx.unbind(0), inp.unbind(0), rz.unbind(0),
+                                                      ns.unbind(0), hr.unbind(0), hs.unbind(0)):
+            _affine(inp_t, h, r, out=hr_t)
+            torch.sigmoid(hr_t[..., :2 * dh], out=rz_t)
             torch.addcmul(wx_t[..., 2 * dh:], rz_t[..., :dh], hr_t[..., 2 * dh:], out=n_t)
             torch.tanh(n_t, out=n_t)
             torch.sub(h, n_t, out=diff)
