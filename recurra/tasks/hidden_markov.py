@@ -17,7 +17,11 @@ from __future__ import annotations
 import numpy as np
 
 from .sequence_task import (
-    SequenceTask, TaskBatch, check_float_option, check_int_option, make_batch,
+    SequenceTask,
+    TaskBatch,
+    check_float_option,
+    check_int_option,
+    make_batch,
 )
 
 

@@ -27,7 +27,13 @@ import re
 
 import numpy as np
 
-from .sequence_task import SequenceTask, TaskBatch, check_choice_option, check_float_option, make_batch
+from .sequence_task import (
+    SequenceTask,
+    TaskBatch,
+    check_choice_option,
+    check_float_option,
+    make_batch,
+)
 
 PREFIX = ("There is an important info hidden inside a lot of irrelevant text. "
           "Find it and memorize it. ")

@@ -21,7 +21,12 @@ from __future__ import annotations
 import numpy as np
 
 from .sequence_task import (
-    SequenceTask, TaskBatch, check_bool_option, check_choice_option, check_int_option, make_batch,
+    SequenceTask,
+    TaskBatch,
+    check_bool_option,
+    check_choice_option,
+    check_int_option,
+    make_batch,
 )
 
 ORDERS = ("short_first", "long_first")
@@ -69,7 +74,7 @@ class SetDisjointnessTask(SequenceTask):
         short = np.take_along_axis(short, np.argsort(rng.random(short.shape), axis=1), axis=1)
         long = np.take_along_axis(long, np.argsort(rng.random(long.shape), axis=1), axis=1)
         first, second = (short, long) if self.order == "short_first" else (long, short)
-        col = lambda v: np.full((n, 1), v)  # noqa: E731
+        col = lambda v: np.full((n, 1), v)
         context = np.concatenate([col(self.bos), first, col(self.sep), second], axis=1)
         if self.jrt_prompt:  # read twice: BOS A SEP B SEP A SEP B
             context = np.concatenate([context, col(self.sep), context[:, 1:]], axis=1)
