@@ -3,8 +3,9 @@
 Two measurements, float32, timed side by side in one process (interleaved, medians):
 
 1. each layer's parallel form vs its own ``step`` loop at (B, T, d_model) = (4, 4096, 256),
-   forward (no grad) and forward+backward. Titans runs at T = 512 (``--titans-T``): its step
-   loop costs 20-70 ms per token (B=4), so 4096 steps x several rounds with backward do not fit;
+   forward (no grad) and forward+backward. Titans runs at T = 256 (``--titans-T``): its step
+   loop costs 20-70 ms per token (B=4) and its autograd graph ~35 MB per token (MAC at T=512
+   was OOM-killed at 18 GB), so 4096 steps x several rounds with backward do not fit;
    the ratio is per sequence at that T. Goal: >= 10x.
 2. step-mode memory per generated token at T = 1k, 10k, 100k (B=1, d_model=256) for the causal
    configurations: the state's bytes after a prefill of T tokens (fed in pieces, the state
@@ -42,8 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few rounds (a smoke run, not a measurement)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (parallel forms)")
-    parser.add_argument("--titans-T", type=int, default=512,
-                        help="sequence length for the titans layers (default 512)")
+    parser.add_argument("--titans-T", type=int, default=256,
+                        help="sequence length for the titans layers (default 256)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the memory test")
     parser.add_argument("--only", default="",
                         help="comma-separated substrings: run only the matching layer labels")
