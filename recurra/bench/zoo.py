@@ -42,12 +42,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-fla", action="store_true",
                         help="skip the flash-linear-attention comparison (no install attempted)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the memory test")
+    parser.add_argument("--only-fla", action="store_true",
+                        help="run only the fla comparison (section 2), e.g. into another --out")
 
 
 def _command(args) -> str:
     parts = ["recurra bench zoo", f"--threads {args.threads}", f"--rounds {args.rounds}"]
     parts += [flag for flag, on in (("--quick", args.quick), ("--skip-fla", args.skip_fla),
-                                    ("--skip-memory", args.skip_memory)) if on]
+                                    ("--skip-memory", args.skip_memory),
+                                    ("--only-fla", args.only_fla)) if on]
     return " ".join(parts)
 
 
@@ -303,13 +306,14 @@ def run(args) -> None:
 
     torch.set_num_threads(args.threads)
     rows, records, mem_rows, mem_records = [], [], [], []
-    parallel_vs_step(args, rows, records)
+    if not args.only_fla:
+        parallel_vs_step(args, rows, records)
     fla_ok = False
     if not args.skip_fla:
         fla_ok = _ensure_fla()
         if fla_ok:
             versus_fla(args, rows, records)
-    if not args.skip_memory:
+    if not args.skip_memory and not args.only_fla:
         step_memory(args, mem_rows, mem_records)
 
     notes = _verdict(rows, mem_records, args, fla_ok)
