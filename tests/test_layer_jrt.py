@@ -4,7 +4,6 @@ import torch.nn.functional as F
 
 from recurra.layers import build
 from recurra.layers.jrt import PrefixLinearAttention, jrt_loss, prefix_mlm_loss
-from recurra.layers.linear_attention import LinearAttention
 from recurra.ops.linear_attention import feature_map
 from recurra.testing import check_layer_contract
 

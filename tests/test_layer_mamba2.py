@@ -100,7 +100,7 @@ def test_state_normalisation_bounds_the_state():
     scale = (2.0 / h1.flatten(-2).norm(dim=-1)).clamp(max=1.0)
     _, h_one = ssd_reference(x[:, :1], la[:, :1], B[:, :1], C[:, :1], h0, max_state_norm=2.0)
     torch.testing.assert_close(h_one, h1 * scale[..., None, None])
-    y_big, h_big = ssd_reference(x, la, B, C, h0, max_state_norm=1e9)
+    _, h_big = ssd_reference(x, la, B, C, h0, max_state_norm=1e9)
     torch.testing.assert_close(h_big, h_free)
 
 
@@ -143,7 +143,7 @@ def test_window_from_empty_state_is_a_scan_over_the_last_w_tokens():
         torch.testing.assert_close(y[:, t], y_full[:, -1], atol=1e-10, rtol=1e-9)
 
 
-CONTRACT = dict(d_state=3, head_dim=2, expand=2, n_groups=2, conv_kernel=3, chunk_size=4)
+CONTRACT = {"d_state": 3, "head_dim": 2, "expand": 2, "n_groups": 2, "conv_kernel": 3, "chunk_size": 4}
 
 
 @pytest.mark.parametrize("options", [

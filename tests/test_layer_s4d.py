@@ -123,8 +123,8 @@ def test_zoh_and_bilinear_agree_as_dt_goes_to_zero():
     lam, B = lam.unsqueeze(0), B.unsqueeze(0)
     errs = []
     for dt in (1e-1, 1e-2, 1e-3):
-        a1, b1 = discretize(lam, B, torch.tensor([dt], dtype=D), "zoh")
-        a2, b2 = discretize(lam, B, torch.tensor([dt], dtype=D), "bilinear")
+        a1, _ = discretize(lam, B, torch.tensor([dt], dtype=D), "zoh")
+        a2, _ = discretize(lam, B, torch.tensor([dt], dtype=D), "bilinear")
         errs.append(((a1 - a2).abs().max() / dt).item())
     assert errs[1] < 0.02 * errs[0] and errs[2] < 0.02 * errs[1]  # O(dt^3) per unit dt
 

@@ -56,7 +56,7 @@ class LSSL(RecurrentLayer):
         return [(batch_size, self.input_size, self.d_state)]
 
     def _forward(self, x, state, lengths):
-        b, t, _ = x.shape
+        t = x.shape[1]
         mask = None if lengths is None else time_mask(lengths, t).unsqueeze(-1)
         if mask is not None:
             x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..ops.ssd import ssd_chunked, ssd_reference
 from ..ops.ssd_window import ssd_window_chunked, ssd_window_reference
-from .base import RecurrentLayer, State, time_mask
+from .base import RecurrentLayer, time_mask
 from .registry import register
 
 

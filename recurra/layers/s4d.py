@@ -72,7 +72,7 @@ class S4D(RecurrentLayer):
         return A_bar, B_bar, torch.complex(self.C_re, self.C_im)
 
     def _forward(self, x, state, lengths):
-        b, t, _ = x.shape
+        t = x.shape[1]
         mask = None if lengths is None else time_mask(lengths, t).unsqueeze(-1)
         if mask is not None:
             x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
