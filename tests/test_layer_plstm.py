@@ -4,8 +4,12 @@ import pytest
 import torch
 
 from recurra.layers.plstm import PLSTM2D, PLSTMLayer
-from recurra.ops.plstm import (plstm_1d_chunked, plstm_1d_reference, plstm_2d_reference,
-                               plstm_2d_wavefront)
+from recurra.ops.plstm import (
+    plstm_1d_chunked,
+    plstm_1d_reference,
+    plstm_2d_reference,
+    plstm_2d_wavefront,
+)
 from recurra.testing import check_layer_contract
 
 D64 = torch.float64

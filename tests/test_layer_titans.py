@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from recurra.layers.titans import TitansLayer
-from recurra.ops.sliding_window_attention import (sliding_window_attention,
-                                                  sliding_window_attention_reference)
+from recurra.ops.sliding_window_attention import (
+    sliding_window_attention,
+    sliding_window_attention_reference,
+)
 from recurra.ops.titans_memory import neural_memory_chunked, neural_memory_reference
 from recurra.testing import check_layer_contract, random_state
 

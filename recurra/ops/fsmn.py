@@ -76,7 +76,7 @@ def fsmn_memory_reference(p, lookback, lookahead, lookback_stride=1, lookahead_s
 def fsmn_memory(p, lookback, lookahead, lookback_stride=1, lookahead_stride=1, history=None):
     """Parallel form: dilated depthwise convolutions. Same result as the reference."""
     _check(p, lookback, lookahead, lookback_stride, lookahead_stride)
-    b, steps, d = p.shape
+    d = p.shape[-1]
     n1, n2 = lookback.shape[0] - 1, lookahead.shape[0]
     span = n1 * lookback_stride
     past = _history(p, history, span)
