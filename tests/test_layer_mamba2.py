@@ -5,7 +5,7 @@ from recurra.layers import build
 from recurra.layers.mamba2 import Mamba2
 from recurra.ops.ssd import segsum, ssd_chunked, ssd_quadratic, ssd_reference
 from recurra.ops.ssd_window import ssd_window_chunked, ssd_window_reference
-from recurra.testing import check_layer_contract
+from recurra.testing import check_layer_contract, check_trains_in_language_model
 
 D = torch.float64
 
@@ -182,29 +182,4 @@ def test_registered():
 
 
 def test_trains_and_decodes_inside_recurrent_lm():
-    from recurra.models.recurrent_lm import RecurrentLM
-
-    torch.manual_seed(0)
-    model = RecurrentLM(vocab_size=12, d_model=16, n_layers=2, layer="mamba2",
-                        layer_options={"d_state": 8, "head_dim": 8, "chunk_size": 8})
-    # learnable data: each token is the previous one plus 3 (mod 10), random starts
-    tokens = (torch.randint(0, 10, (8, 1)) + 3 * torch.arange(24)) % 10
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        logits, _ = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 12),
-                                                 tokens[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
-    # decoding token by token gives the logits of the parallel pass
-    model.eval()
-    with torch.no_grad():
-        logits, _ = model(tokens[:2, :10])
-        state = None
-        for t in range(10):
-            step_logits, state = model.step(tokens[:2, t], state)
-            torch.testing.assert_close(step_logits, logits[:, t], atol=1e-4, rtol=1e-4)
+    check_trains_in_language_model("mamba2", {"d_state": 8, "head_dim": 8, "chunk_size": 8})

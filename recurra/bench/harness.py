@@ -181,3 +181,37 @@ def line_chart(path: str, title: str, xs: list[float], series: dict[str, list[fl
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc), in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_step_memory(layer, d_model: int, position: int, steps: int = 256) -> dict[str, float]:
+    """Memory of step-mode generation after ``position`` tokens.
+
+    Prefills ``position`` random inputs in pieces (only the state is carried), then runs
+    ``steps`` single steps. Returns the state's size in bytes, the resident-memory growth over
+    those steps and the time per step: constant-memory layers show the same state size and no
+    growth at every position.
+    """
+    with torch.no_grad():
+        state = layer.init_state(1)
+        done = 0
+        while done < position:
+            n = min(4096, position - done)
+            _, state = layer(torch.randn(1, n, d_model), state)
+            done += n
+        state_bytes = sum(s.numel() * s.element_size() for s in state)
+        x_t = torch.randn(1, d_model)
+        for _ in range(16):  # warm the allocator at this position
+            _, state = layer.step(x_t, state)
+        rss0 = rss_bytes()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _, state = layer.step(x_t, state)
+        step_ms = 1e3 * (time.perf_counter() - t0) / steps
+        growth = rss_bytes() - rss0
+    return {"T": position, "state_bytes": state_bytes, "rss_growth": growth, "step_ms": step_ms}

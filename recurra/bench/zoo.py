@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-import time
 
 DESCRIPTION = "mamba2 / linear_attention / s4d / aaren: parallel vs step, vs fla, step memory"
 
@@ -71,12 +70,6 @@ def _ensure_fla() -> bool:
     except ImportError as e:
         print(f"fla unavailable ({e}); skipping the fla comparison")
         return False
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        import os
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # --------------------------------------------------------------------------- 1. parallel vs step
@@ -266,6 +259,7 @@ def step_memory(args, mem_rows, mem_records):
     from tqdm import tqdm
 
     from ..layers import build
+    from .harness import measure_step_memory
 
     D = 64 if args.quick else 256
     lengths = [1000, 10000] if args.quick else [1000, 10000, 100000]
@@ -276,26 +270,10 @@ def step_memory(args, mem_rows, mem_records):
         layer = build(name, D, **options)
         rec = {"layer": label, "d_model": D, "points": []}
         for T in lengths:
-            with torch.no_grad():
-                state = layer.init_state(1)
-                done = 0
-                while done < T:  # prefill in pieces: the state is all that is carried
-                    n = min(4096, T - done)
-                    _, state = layer(torch.randn(1, n, D), state)
-                    done += n
-                state_bytes = sum(s.numel() * s.element_size() for s in state)
-                x_t = torch.randn(1, D)
-                for _ in range(16):  # warm the allocator at this position
-                    _, state = layer.step(x_t, state)
-                rss0 = _rss_bytes()
-                t0 = time.perf_counter()
-                for _ in range(256):
-                    _, state = layer.step(x_t, state)
-                step_ms = 1e3 * (time.perf_counter() - t0) / 256
-                growth = _rss_bytes() - rss0
-            rec["points"].append({"T": T, "state_bytes": state_bytes, "rss_growth": growth,
-                                  "step_ms": step_ms})
-            mem_rows.append([label, T, state_bytes, growth / 256, step_ms])
+            point = measure_step_memory(layer, D, T)
+            rec["points"].append(point)
+            mem_rows.append([label, T, point["state_bytes"], point["rss_growth"] / 256,
+                             point["step_ms"]])
         mem_records.append(rec)
 
 

@@ -16,7 +16,6 @@ Outputs are checked equal (parallel vs step loop) before anything is timed.
 
 from __future__ import annotations
 
-import os
 import time
 
 DESCRIPTION = "fsmn / titans / plstm: parallel vs step loop, step memory constant in T"
@@ -63,11 +62,6 @@ def _command(args) -> str:
 def _selected(args, labels):
     keys = [s.strip() for s in args.only.split(",") if s.strip()]
     return [l for l in labels if not keys or any(k in l for k in keys)]
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # --------------------------------------------------------------------------- 1. parallel vs step
@@ -139,6 +133,7 @@ def step_memory(args, mem_rows, mem_records):
     from tqdm import tqdm
 
     from ..layers import build
+    from .harness import measure_step_memory
 
     D = 64 if args.quick else 256
     lengths = [1000, 10000] if args.quick else [1000, 10000, 100000]
@@ -148,26 +143,10 @@ def step_memory(args, mem_rows, mem_records):
         layer = build(name, D, **options)
         rec = {"layer": label, "d_model": D, "points": []}
         for T in lengths:
-            with torch.no_grad():
-                state = layer.init_state(1)
-                done = 0
-                while done < T:  # prefill in pieces: the state is all that is carried
-                    n = min(4096, T - done)
-                    _, state = layer(torch.randn(1, n, D), state)
-                    done += n
-                state_bytes = sum(s.numel() * s.element_size() for s in state)
-                x_t = torch.randn(1, D)
-                for _ in range(16):  # warm the allocator at this position
-                    _, state = layer.step(x_t, state)
-                rss0 = _rss_bytes()
-                t0 = time.perf_counter()
-                for _ in range(256):
-                    _, state = layer.step(x_t, state)
-                step_ms = 1e3 * (time.perf_counter() - t0) / 256
-                growth = _rss_bytes() - rss0
-            rec["points"].append({"T": T, "state_bytes": state_bytes, "rss_growth": growth,
-                                  "step_ms": step_ms})
-            mem_rows.append([label, T, state_bytes, growth / 256, step_ms])
+            point = measure_step_memory(layer, D, T)
+            rec["points"].append(point)
+            mem_rows.append([label, T, point["state_bytes"], point["rss_growth"] / 256,
+                             point["step_ms"]])
         mem_records.append(rec)
 
 
