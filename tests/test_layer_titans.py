@@ -10,7 +10,7 @@ from recurra.ops.sliding_window_attention import (
     sliding_window_attention_reference,
 )
 from recurra.ops.titans_memory import neural_memory_chunked, neural_memory_reference
-from recurra.testing import check_layer_contract, random_state
+from recurra.testing import check_layer_contract, random_state, check_learns_lag_two_recall
 
 D64 = torch.float64
 
@@ -200,24 +200,7 @@ def test_step_memory_is_constant_and_bad_options():
 
 
 def test_trains_inside_recurrent_lm():
-    # target: the token two steps back (needs the layer's memory); a few steps must cut the loss
-    from recurra.models.recurrent_lm import RecurrentLM
-
-    torch.manual_seed(0)
-    model = RecurrentLM(8, 16, 1, layer="titans", layer_options=dict(variant="mag", heads=2, chunk=4, window=4), mlp_ratio=2)
-    x = torch.randint(0, 8, (8, 16), generator=torch.Generator().manual_seed(1))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(20):
-        logits, _ = model(x)
-        loss = torch.nn.functional.cross_entropy(logits[:, 2:].reshape(-1, 8),
-                                                 x[:, :-2].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[0] > 1.9  # ~ln 8
-    assert losses[-1] < 0.75 * losses[0]
+    check_learns_lag_two_recall("titans", dict(variant="mag", heads=2, chunk=4, window=4))
 
 
 def test_mac_equals_a_plain_token_loop():
