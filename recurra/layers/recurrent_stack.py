@@ -27,7 +27,6 @@ from ..ops.recurrent_cells import CELLS
 from ..ops.recurrent_fused import recurrence
 from .base import RecurrentLayer, State, reverse_padded, time_mask
 
-_NATIVE = {"lstm": "lstm", "gru": "gru", "elman": None, "slstm": None}
 
 
 class StackedRNN(RecurrentLayer):
