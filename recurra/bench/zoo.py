@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from contextlib import contextmanager
 
 DESCRIPTION = "mamba2 / linear_attention / s4d / aaren: parallel vs step, vs fla, step memory"
 
@@ -32,6 +33,8 @@ LAYERS = {
     "s4d": {"d_state": 64},
     "aaren": {"heads": 4},
 }
+#: step-memory configurations besides LAYERS
+MEMORY_EXTRA = {"mamba2 (window=256)": ("mamba2", {"d_state": 64, "head_dim": 64, "window": 256})}
 
 
 def add_arguments(parser) -> None:
@@ -43,6 +46,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-memory", action="store_true", help="skip the memory test")
     parser.add_argument("--only-fla", action="store_true",
                         help="run only the fla comparison (section 2), e.g. into another --out")
+    parser.add_argument("--only", default="",
+                        help="comma-separated substrings: only the matching layers (sections 1, 3)")
+    parser.add_argument("--lock", default="",
+                        help="hold an flock on this file around each layer's timed section "
+                             "(e.g. /work/bench.lock on a shared machine)")
 
 
 def _command(args) -> str:
@@ -50,6 +58,8 @@ def _command(args) -> str:
     parts += [flag for flag, on in (("--quick", args.quick), ("--skip-fla", args.skip_fla),
                                     ("--skip-memory", args.skip_memory),
                                     ("--only-fla", args.only_fla)) if on]
+    parts += [f"{flag} '{value}'" for flag, value in (("--only", args.only),
+                                                      ("--lock", args.lock)) if value]
     return " ".join(parts)
 
 
@@ -72,6 +82,127 @@ def _ensure_fla() -> bool:
         return False
 
 
+# --------------------------------------------------------------------------- shared by zoo_b
+@contextmanager
+def held_lock(path: str | None):
+    """Hold an exclusive ``flock`` on ``path`` (the team's benchmark lock) for the block; no-op
+    when ``path`` is empty. Suites take it around each layer's timed section, so one lock hold
+    stays short while the whole suite writes one table."""
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def step_loop(layer, x, grad: bool, checkpoint_every: int = 0):
+    """A callable running ``layer.step`` over ``x`` (B, T, D) token by token (and, with
+    ``grad``, backward from ``y.sum()``). ``checkpoint_every`` = n > 0 wraps every n steps in
+    ``torch.utils.checkpoint`` (the forward is recomputed in backward), for loops whose autograd
+    graph would not fit in memory."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def run_steps(x_part, *state):
+        ys = []
+        for x_t in x_part.unbind(1):
+            y_t, state = layer.step(x_t, state)
+            ys.append(y_t)
+        return (torch.stack(ys, 1), *state)
+
+    def call():
+        state = layer.init_state(x.shape[0])
+        with torch.set_grad_enabled(grad):
+            xg = x.detach().requires_grad_(grad)
+            if grad and checkpoint_every > 0:
+                parts = []
+                for part in xg.split(checkpoint_every, 1):
+                    y_part, *state = checkpoint(run_steps, part, *state, use_reentrant=False)
+                    parts.append(y_part)
+                y = torch.cat(parts, 1)
+            else:
+                y = run_steps(xg, *state)[0]
+            if grad:
+                y.sum().backward()
+        return y
+    return call
+
+
+def parallel_pass(layer, x, grad: bool):
+    """A callable running the layer's parallel form over ``x`` (and backward with ``grad``)."""
+    import torch
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            y = layer(x.detach().requires_grad_(grad))[0]
+            if grad:
+                y.sum().backward()
+        return y
+    return call
+
+
+def step_memory(configs: dict[str, tuple[str, dict]], quick: bool, lock: str | None = None):
+    """Step-mode memory after T = 1k, 10k, 100k prefilled tokens (B=1) for each labelled
+    ``(layer name, options)``. Returns table rows and JSON records."""
+    import torch
+    from tqdm import tqdm
+
+    from ..layers import build
+    from .harness import measure_step_memory
+
+    D = 64 if quick else 256
+    lengths = [1000, 10000] if quick else [1000, 10000, 100000]
+    rows, records = [], []
+    for label, (name, options) in tqdm(configs.items(), desc="step memory"):
+        torch.manual_seed(0)
+        layer = build(name, D, **options)
+        rec = {"layer": label, "d_model": D, "points": []}
+        with held_lock(lock):
+            for T in lengths:
+                point = measure_step_memory(layer, D, T)
+                rec["points"].append(point)
+                rows.append([label, T, point["state_bytes"], point["rss_growth"] / 256,
+                             point["step_ms"]])
+        records.append(rec)
+    return rows, records
+
+
+def step_memory_verdicts(records) -> list[str]:
+    """One goal line per layer: the state size is the same at every T and RSS does not grow."""
+    lines = []
+    for rec in records:
+        pts = rec["points"]
+        same_state = len({p["state_bytes"] for p in pts}) == 1
+        grows = max(p["rss_growth"] for p in pts) / 256
+        lines.append(f"- {rec['layer']} step memory: state {pts[0]['state_bytes']} bytes at every "
+                     f"T ({'constant' if same_state else 'NOT constant'}); max RSS growth "
+                     f"{grows:.0f} bytes per step: goal (constant in T) "
+                     f"**{'met' if same_state and grows < 64 else 'NOT met'}**")
+    return lines
+
+
+def step_memory_table(rows) -> str:
+    from .harness import markdown_table
+
+    if not rows:
+        return ""
+    return ("\n\n### Step-mode memory per generated token (B=1, float32)\n\n"
+            + markdown_table(["layer", "T (prefilled)", "state bytes",
+                              "RSS growth per step (bytes)", "ms per step"], rows))
+
+
+def selected(only: str, labels):
+    """The labels matching any comma-separated substring of ``only`` (all when empty)."""
+    keys = [s.strip() for s in only.split(",") if s.strip()]
+    return [label for label in labels if not keys or any(k in label for k in keys)]
+
+
 # --------------------------------------------------------------------------- 1. parallel vs step
 def parallel_vs_step(args, rows, records):
     import torch
@@ -81,53 +212,31 @@ def parallel_vs_step(args, rows, records):
     from .harness import assert_same, time_methods
 
     B, T, D = (2, 256, 64) if args.quick else (4, 4096, 256)
-    for name in tqdm(LAYERS, desc="parallel vs step"):
+    for name in tqdm(selected(args.only, LAYERS), desc="parallel vs step"):
         torch.manual_seed(0)
         layer = build(name, D, **LAYERS[name])
         x = torch.randn(B, T, D)
-
-        def steps(grad):
-            def call():
-                state = layer.init_state(B)
-                ys = []
-                with torch.set_grad_enabled(grad):
-                    xg = x.requires_grad_(grad)
-                    for x_t in xg.unbind(1):
-                        y_t, state = layer.step(x_t, state)
-                        ys.append(y_t)
-                    y = torch.stack(ys, 1)
-                    if grad:
-                        y.sum().backward()
-                return y
-            return call
-
-        def parallel(grad):
-            def call():
-                with torch.set_grad_enabled(grad):
-                    y = layer(x.requires_grad_(grad))[0]
-                    if grad:
-                        y.sum().backward()
-                return y
-            return call
-
-        y_step = steps(False)()
-        diff = assert_same(y_step, parallel(False)(), atol=1e-4, rtol=1e-3,
-                           what=f"{name}: parallel vs step loop")
-        rec = {"layer": name, "B": B, "T": T, "d_model": D, "max_diff": diff}
-        for kind, grad in (("fwd", False), ("fwd+bwd", True)):
-            # the loop takes seconds to minutes and is steady: one round of it, interleaved with
-            # the parallel form, then more rounds of the parallel form alone
-            res = time_methods({"step loop": steps(grad), "parallel": parallel(grad)},
-                               rounds=1, warmup=0)
-            fast = time_methods({"parallel": parallel(grad)},
-                                rounds=args.rounds if not args.quick else 2, warmup=1)
-            par = fast["parallel"].median_ms
-            ratio = res["step loop"].median_ms / par
-            rec[kind] = {"step_ms": res["step loop"].median_ms, "parallel_ms": par,
-                         "parallel_ms_interleaved": res["parallel"].median_ms, "ratio": ratio}
-            rows.append([f"{name} parallel vs own step loop", f"B={B} T={T} d={D}", kind,
-                         res["step loop"].median_ms, par, ratio, ">= 10x",
-                         "met" if ratio >= 10 else "NOT met", f"{diff:.1e}"])
+        with held_lock(args.lock):
+            y_step = step_loop(layer, x, False)()
+            diff = assert_same(y_step, parallel_pass(layer, x, False)(), atol=1e-4, rtol=1e-3,
+                               what=f"{name}: parallel vs step loop")
+            rec = {"layer": name, "B": B, "T": T, "d_model": D, "max_diff": diff}
+            for kind, grad in (("fwd", False), ("fwd+bwd", True)):
+                # the loop takes seconds to minutes and is steady: one round of it, interleaved
+                # with the parallel form, then more rounds of the parallel form alone
+                res = time_methods({"step loop": step_loop(layer, x, grad),
+                                    "parallel": parallel_pass(layer, x, grad)},
+                                   rounds=1, warmup=0)
+                fast = time_methods({"parallel": parallel_pass(layer, x, grad)},
+                                    rounds=args.rounds if not args.quick else 2, warmup=1)
+                par = fast["parallel"].median_ms
+                ratio = res["step loop"].median_ms / par
+                rec[kind] = {"step_ms": res["step loop"].median_ms, "parallel_ms": par,
+                             "parallel_ms_interleaved": res["parallel"].median_ms,
+                             "ratio": ratio}
+                rows.append([f"{name} parallel vs own step loop", f"B={B} T={T} d={D}", kind,
+                             res["step loop"].median_ms, par, ratio, ">= 10x",
+                             "met" if ratio >= 10 else "NOT met", f"{diff:.1e}"])
         records.append(rec)
 
 
@@ -253,34 +362,10 @@ def versus_fla(args, rows, records):
         records.append(rec)
 
 
-# --------------------------------------------------------------------------- 3. step memory
-def step_memory(args, mem_rows, mem_records):
-    import torch
-    from tqdm import tqdm
-
-    from ..layers import build
-    from .harness import measure_step_memory
-
-    D = 64 if args.quick else 256
-    lengths = [1000, 10000] if args.quick else [1000, 10000, 100000]
-    extra = {"mamba2 (window=256)": ("mamba2", {"d_state": 64, "head_dim": 64, "window": 256})}
-    configs = {**{n: (n, o) for n, o in LAYERS.items()}, **extra}
-    for label, (name, options) in tqdm(configs.items(), desc="step memory"):
-        torch.manual_seed(0)
-        layer = build(name, D, **options)
-        rec = {"layer": label, "d_model": D, "points": []}
-        for T in lengths:
-            point = measure_step_memory(layer, D, T)
-            rec["points"].append(point)
-            mem_rows.append([label, T, point["state_bytes"], point["rss_growth"] / 256,
-                             point["step_ms"]])
-        mem_records.append(rec)
-
-
 def run(args) -> None:
     import torch
 
-    from .harness import bar_chart, markdown_table, write_results
+    from .harness import bar_chart, write_results
 
     torch.set_num_threads(args.threads)
     rows, records, mem_rows, mem_records = [], [], [], []
@@ -290,15 +375,14 @@ def run(args) -> None:
     if not args.skip_fla:
         fla_ok = _ensure_fla()
         if fla_ok:
-            versus_fla(args, rows, records)
+            with held_lock(args.lock):
+                versus_fla(args, rows, records)
     if not args.skip_memory and not args.only_fla:
-        step_memory(args, mem_rows, mem_records)
+        configs = {**{n: (n, o) for n, o in LAYERS.items()}, **MEMORY_EXTRA}
+        configs = {k: configs[k] for k in selected(args.only, configs)}
+        mem_rows, mem_records = step_memory(configs, args.quick, args.lock)
 
-    notes = _verdict(rows, mem_records, args, fla_ok)
-    if mem_rows:
-        notes += ("\n\n### Step-mode memory per generated token (B=1, float32)\n\n"
-                  + markdown_table(["layer", "T (prefilled)", "state bytes",
-                                    "RSS growth per step (bytes)", "ms per step"], mem_rows))
+    notes = _verdict(rows, mem_records, args, fla_ok) + step_memory_table(mem_rows)
     header = ["comparison", "size", "pass", "baseline ms", "recurra ms", "speedup", "goal",
               "verdict", "max diff"]
     md = write_results(args.out, "Layer zoo: parallel forms vs step loops and fla (float32)",
@@ -320,12 +404,7 @@ def _verdict(rows, mem_records, args, fla_ok) -> str:
             lines.append(f"- {r[0]} ({r[2]}): {r[5]:.1f}x, goal {r[6]}: **{r[7]}**")
     if not fla_ok:
         lines.append("- fla comparison: **not run** (skipped or fla unavailable)")
-    for rec in mem_records:
-        pts = rec["points"]
-        same_state = len({p["state_bytes"] for p in pts}) == 1
-        grows = max(p["rss_growth"] for p in pts) / 256
-        lines.append(f"- {rec['layer']} step memory: state {pts[0]['state_bytes']} bytes at every "
-                     f"T ({'constant' if same_state else 'NOT constant'}); max RSS growth "
-                     f"{grows:.0f} bytes per step: goal (constant in T) "
-                     f"**{'met' if same_state and grows < 64 else 'NOT met'}**")
+    lines += step_memory_verdicts(mem_records)
+    if args.lock:
+        lines.append(f"\nTimed holding `{args.lock}` (flock) around each layer's measurements.")
     return "\n".join(lines)
