@@ -3,7 +3,7 @@
 transformers causal LMs; strategies (greedy, sampling, beam, diverse and conditional beam),
 logits processors, and lossless train-free speculative decoding. See docs/decoding.md."""
 
-from .generate import GenerateOutput, drafter_for, generate, stream
+from .generate import DecodeOptions, GenerateOutput, drafter_for, generate, stream
 from .protocol import DecodeAdapter, DecodeSession, as_adapter
 from .speculative import Drafter
 from .stats import DecodeStats
@@ -11,6 +11,7 @@ from .tree import DraftTree, TreeTemplate
 
 __all__ = [
     "DecodeAdapter",
+    "DecodeOptions",
     "DecodeSession",
     "DecodeStats",
     "DraftTree",
