@@ -53,6 +53,42 @@ def test_suites_are_well_formed():
     assert len(cells) == 4 and cells[0].train_length == 16
 
 
+def test_cell_overrides_change_the_budget_and_the_configuration(tmp_path):
+    budget = BUDGETS["small"]
+    plain = CellSpec("parity", "lstm", 16, (16,))
+    longer = CellSpec("parity", "lstm", 16, (16,), overrides=(("steps", 2000),))
+    assert plain.budget(budget) is budget
+    assert longer.budget(budget).steps == 2000 and longer.budget(budget).lr == budget.lr
+    assert plain.config(budget) != longer.config(budget)
+    assert "overrides" not in plain.config(budget)["cell"]  # old cell files keep their hash
+    with pytest.raises(ValueError, match="overrides"):
+        CellSpec("parity", "lstm", 16, (16,), overrides=(("d_model", 8),))
+    seen = []
+
+    def train(cell, budget, on_step=None, cache_dir=None):
+        seen.append(budget.steps)
+        return fake_train([])(cell, budget)
+
+    run_cells([plain, CellSpec("copy", "gru", 4, (4,), overrides=(("steps", 7),))],
+              budget, str(tmp_path), progress=False, train_fn=train)
+    assert seen == [budget.steps, 7]
+
+
+def test_head_is_untied_where_the_task_says_so():
+    from recurra.evaluation.training import build_cell_model
+    from recurra.tasks.registry import build_task
+
+    budget = BUDGETS["smoke"]
+    for spec, tied in (("s5", False), ("parity", False), ("copy", True), ("passkey", True)):
+        task = build_task(spec)
+        model = build_cell_model(parse_model_spec("gru"), task.vocab_size, budget,
+                                 tie_weights=task.tie_weights)
+        assert (model.head.weight is model.embedding.weight) == tied, spec
+    model = build_cell_model(parse_model_spec("gru:tie_weights=true"), 120, budget,
+                             tie_weights=False)
+    assert model.head.weight is model.embedding.weight
+
+
 def fake_train(calls, fail=()):
     def train(cell, budget, on_step=None, cache_dir=None):
         calls.append(cell.cell_id())

@@ -86,7 +86,8 @@ def test_parity_labels_by_loop():
     assert bool(batch.mask.all())
 
 
-@pytest.mark.parametrize("name,items", [("s5", 5), ("s3", 3)])
+@pytest.mark.parametrize("name,items", [("s5", 5), ("s3", 3), ("s5:inputs=transpositions", 5),
+                                        ("s3:inputs=transpositions", 3)])
 def test_permutation_labels_by_direct_simulation(name, items):
     task = build_task(name)
     perms = list(itertools.permutations(range(items)))  # the documented id order
@@ -98,8 +99,17 @@ def test_permutation_labels_by_direct_simulation(name, items):
             arrangement = [p[i] for i in arrangement]
             assert perms[t] == tuple(arrangement)
     assert task.vocab_size == math.factorial(items)
+    assert task.tie_weights is False  # a move and an arrangement are different things
     # the composition is not commutative: S5 is non-abelian
     assert not np.array_equal(task.table, task.table.T)
+    used = set(batch.inputs.flatten().tolist())
+    if "transpositions" in name:  # only swaps of exactly two items, all of them used
+        swaps = {i for i, p in enumerate(perms) if sum(a != b for a, b in enumerate(p)) == 2}
+        assert len(swaps) == items * (items - 1) // 2 and used == swaps
+    else:
+        assert len(used) > len(perms) // 2
+    with pytest.raises(ValueError, match="inputs"):
+        build_task(name.split(":")[0] + ":inputs=cycles")
 
 
 def test_mqar_labels_by_lookup():
@@ -177,6 +187,26 @@ def test_passkey_template_and_depth(unit):
     assert np.allclose(mid.info["depth"], 0.5, atol=0.1)
     with pytest.raises(ValueError, match="depth"):
         build_task("passkey:depth=1.5")
+
+
+def test_passkey_key_digits():
+    for digits in (1, 2, 5):
+        task = build_task(f"passkey:key_digits={digits}:depth=0.5")
+        length = task.min_length + 30
+        batch = task.sample(6, length, seed=1)
+        assert batch.inputs.shape == (6, length) and int(batch.mask.sum(1).max()) == digits
+        for row, target, mask, key in zip(batch.inputs.tolist(), batch.targets.tolist(),
+                                          batch.mask.tolist(), batch.info["keys"]):
+            spaced = " ".join(map(str, key))
+            text = task.decode(row)
+            assert f"The passkey is {spaced} . Remember it . {spaced} is the passkey ." in text
+            assert [task.symbols[t] for t, m in zip(target, mask) if m] == list(map(str, key))
+            assert mask == [False] * (length - digits) + [True] * digits
+    # the default key keeps its random stream (same as before the option existed)
+    assert build_task("passkey").key() == build_task("passkey:key_digits=5").key()
+    assert build_task("passkey:key_digits=2").min_length == build_task("passkey").min_length - 9
+    with pytest.raises(ValueError, match="key_digits"):
+        build_task("passkey:key_digits=0")
 
 
 def test_registry_specs_and_errors():

@@ -54,6 +54,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import time
     from dataclasses import replace
 
     import torch
@@ -95,7 +96,13 @@ def run(args) -> int:
         cells = grid_cells(tasks, layers, args.seed, args.train_length, args.test_lengths)
         name = "grid"
     else:
-        cells = suite_cells(args.suite, args.seed)
+        cells = suite_cells(args.suite, args.seed, args.budget)
+        # --steps / --time-cap given on the command line win over a suite's per-task sizes
+        drop = {k for k, given in (("steps", args.steps), ("max_train_seconds", args.time_cap))
+                if given is not None}
+        if drop:
+            cells = [replace(c, overrides=tuple(o for o in c.overrides if o[0] not in drop))
+                     for c in cells]
         if layers:
             wanted = set(layers)
             cells = [c for c in cells if c.model in wanted or c.model.split(":")[0] in wanted]
@@ -111,12 +118,13 @@ def run(args) -> int:
     def refresh(partial):  # keep results.md/json current while the grid runs
         write_report(out, partial, title + " [in progress]", command, asdict(budget), plots=False)
 
+    start = time.perf_counter()
     results = run_cells(cells, budget, out, resume=not args.no_resume,
                         log=lambda m: print(m, file=sys.stderr), on_cell=refresh)
-
+    wall = time.perf_counter() - start
     paths = write_report(out, results, title, command,
-                         asdict(budget), plots=not args.no_plots)
+                         asdict(budget), plots=not args.no_plots, wall_seconds=round(wall, 1))
     failed = [r for r in results if r.get("status") != "ok"]
-    print(f"{len(results) - len(failed)} cells ok, {len(failed)} failed; "
-          f"results in {paths['markdown']}")
+    print(f"{len(results) - len(failed)} cells ok, {len(failed)} failed, "
+          f"{wall / 60:.1f} min; results in {paths['markdown']}")
     return 0

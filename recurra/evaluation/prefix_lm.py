@@ -19,7 +19,8 @@ from torch import nn
 
 class PrefixLM(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, layer: str,
-                 layer_options: dict | None = None, mlp_ratio: float = 4):
+                 layer_options: dict | None = None, mlp_ratio: float = 4,
+                 tie_weights: bool = True):
         super().__init__()
         from ..layers import build
 
@@ -27,7 +28,7 @@ class PrefixLM(nn.Module):
         self.mix_norms = nn.ModuleList(nn.RMSNorm(d_model, eps=1e-6) for _ in range(n_layers))
         self.mixers = nn.ModuleList(build(layer, d_model, **(layer_options or {}))
                                     for _ in range(n_layers))
-        hidden = int(round(mlp_ratio * d_model))
+        hidden = round(mlp_ratio * d_model)
         self.mlp_norms = nn.ModuleList(nn.RMSNorm(d_model, eps=1e-6) for _ in range(n_layers))
         self.mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
@@ -38,7 +39,10 @@ class PrefixLM(nn.Module):
         for mlp in self.mlps:
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02 / math.sqrt(2 * n_layers))
-        self.head.weight = self.embedding.weight
+        if tie_weights:
+            self.head.weight = self.embedding.weight
+        else:
+            nn.init.normal_(self.head.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor):
         x = self.embedding(tokens)

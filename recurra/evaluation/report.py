@@ -32,14 +32,22 @@ def primary(result: dict[str, Any], length: str) -> float | None:
 
 
 def markdown(results: Sequence[dict[str, Any]], title: str, command: str,
-             budget: dict[str, Any], machine: str = "") -> str:
+             budget: dict[str, Any], machine: str = "",
+             wall_seconds: float | None = None) -> str:
     lines = [f"## {title}", "", f"`{command}`", ""]
     if machine:
         lines += [f"Machine: {machine}.", ""]
+    if wall_seconds is not None:
+        reused = sum(1 for r in results if r.get("resumed"))
+        computed = sum(r.get("seconds", 0) for r in results if not r.get("resumed"))
+        lines += [(f"Wall-clock of this invocation: {wall_seconds / 60:.1f} min for "
+                   f"{len(results) - reused} computed cell(s) ({reused} reused from earlier "
+                   f"runs); sum of the computed cells' seconds: {computed:.0f} s."), ""]
     lines += [
         f"Budget `{budget['name']}`: d_model {budget['d_model']}, {budget['n_layers']} layer(s), "
         f"{budget['steps']} steps of batch {budget['batch_size']}, lr {budget['lr']}, "
-        f"{budget['n_test']} test examples per length.",
+        f"{budget['n_test']} test examples per length. Some tasks train for more steps "
+        f"(the steps column; the suites size each task).",
         "",
         "Each cell is the task's primary metric at each test length (lengths marked * are longer "
         "than the training length); † = training stopped by the time cap.",
@@ -55,18 +63,19 @@ def markdown(results: Sequence[dict[str, Any]], title: str, command: str,
         lines.append(f"### `{task}` (train length {train}, metric: {metric} accuracy)")
         lines.append("")
         head = ["model"] + [f"{n}*" if train is not None and n > train else str(n)
-                            for n in lengths] + ["params", "train s"]
+                            for n in lengths] + ["params", "steps", "train s"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for r in group:
             name = f"`{r['model']}`" + (" †" if r.get("time_capped") else "")
             if r.get("status") != "ok":
                 failed.append(r)
-                lines.append("| " + " | ".join([name] + ["failed"] * len(lengths) + ["", ""])
+                lines.append("| " + " | ".join([name] + ["failed"] * len(lengths) + ["", "", ""])
                              + " |")
                 continue
             row = [name] + [_fmt(primary(r, str(n))) for n in lengths]
-            row += [str(r.get("n_params", "")), f"{r.get('train_seconds', 0):.0f}"]
+            row += [str(r.get("n_params", "")), str(r.get("steps_done", "")),
+                    f"{r.get('train_seconds', 0):.0f}"]
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", f"![{task}]({plot_name(task)})", ""]
     if failed:
@@ -105,8 +114,12 @@ def plot_task(path: str, task: str, group: Sequence[dict[str, Any]]) -> None:
 
 
 def write_report(out_dir: str, results: Sequence[dict[str, Any]], title: str, command: str,
-                 budget: dict[str, Any], plots: bool = True) -> dict[str, str]:
-    """Write results.json, results.md and the plots; returns the paths."""
+                 budget: dict[str, Any], plots: bool = True,
+                 wall_seconds: float | None = None) -> dict[str, str]:
+    """Write results.json, results.md and the plots; returns the paths.
+
+    ``wall_seconds``: the wall-clock time of the invocation, recorded in both files.
+    """
     from ..bench.harness import machine_info
 
     info = machine_info()
@@ -114,9 +127,10 @@ def write_report(out_dir: str, results: Sequence[dict[str, Any]], title: str, co
     paths = {"json": os.path.join(out_dir, "results.json"),
              "markdown": os.path.join(out_dir, "results.md")}
     write_json(paths["json"], {"title": title, "command": command, "budget": budget,
-                               "machine": info, "cells": list(results)})
+                               "machine": info, "wall_seconds": wall_seconds,
+                               "cells": list(results)})
     with open(paths["markdown"], "w") as f:
-        f.write(markdown(results, title, command, budget, machine))
+        f.write(markdown(results, title, command, budget, machine, wall_seconds))
     if plots:
         for task, group in group_by_task(results).items():
             path = os.path.join(out_dir, plot_name(task))

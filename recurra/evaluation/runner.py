@@ -73,7 +73,7 @@ def run_cells(cells: Sequence[CellSpec], budget: Budget, out_dir: str, resume: b
             digest = config_hash(config)
             previous = load_cell(out_dir, cell) if resume else None
             if previous and previous.get("status") == "ok" and previous.get("config_hash") == digest:
-                results.append(previous)
+                results.append(dict(previous, resumed=True))
                 if bar is not None:
                     bar.update(1)
                 continue
@@ -87,7 +87,7 @@ def run_cells(cells: Sequence[CellSpec], budget: Budget, out_dir: str, resume: b
 
             start = time.perf_counter()
             try:
-                result = train_fn(cell, budget, on_step=on_step,
+                result = train_fn(cell, cell.budget(budget), on_step=on_step,
                                   cache_dir=os.path.join(out_dir, "models"))
             except Exception as e:  # noqa: BLE001 - a failing cell must not stop the grid
                 result = {

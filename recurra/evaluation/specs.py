@@ -6,7 +6,8 @@ A **cell** trains one small model on one task and tests it at several lengths. I
   (see ``recurra.tasks.registry``); options after ``@`` apply to the test sets only
   (``passkey@depth=1``: trained with random needle depths, tested with the needle at the end);
 - a model spec: a registered layer name (``lstm``, ``mamba2``, ...) or ``transformer``, with
-  options ``name:option=value:...``. ``d_model``, ``n_layers``, ``mlp_ratio`` (and ``n_heads``,
+  options ``name:option=value:...``. ``d_model``, ``n_layers``, ``mlp_ratio``, ``tie_weights``
+  (default: the task's ``tie_weights``) (and ``n_heads``,
   ``positions`` for the transformer) set the model; every other option goes to the layer.
   Options after ``@`` apply at *test time only*: the trained weights are loaded into a model built
   with them (``mamba2:d_state=16@some_mitigation=true``), for training-free fixes.
@@ -17,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..tasks.registry import parse_spec
 
-MODEL_KEYS = {"d_model", "n_layers", "mlp_ratio"}
+MODEL_KEYS = {"d_model", "n_layers", "mlp_ratio", "tie_weights"}
 TRANSFORMER_KEYS = MODEL_KEYS | {"n_heads", "positions", "max_len", "rope_base"}
 
 
@@ -98,6 +99,10 @@ def parse_model_spec(spec: str) -> ModelSpec:
     return ModelSpec(spec, "recurrent", name, model_options, layer_options, test_options)
 
 
+#: budget fields a cell may override (``CellSpec.overrides``)
+OVERRIDABLE = ("steps", "lr", "batch_size", "max_train_seconds", "warmup", "n_test")
+
+
 @dataclass(frozen=True)
 class CellSpec:
     task: str
@@ -105,6 +110,19 @@ class CellSpec:
     train_length: int
     test_lengths: tuple[int, ...]
     seed: int = 0
+    #: per-cell changes to the run's budget, as ``(("steps", 2000), ...)``: a suite sizes each
+    #: task's training (S5 needs more steps than parity); part of the cell's configuration
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        for item in self.overrides:
+            if not (isinstance(item, tuple) and len(item) == 2 and item[0] in OVERRIDABLE):
+                raise ValueError(f"overrides must be (name, value) pairs with names in "
+                                 f"{OVERRIDABLE}, got {item!r}")
+
+    def budget(self, budget: Budget) -> Budget:
+        """The run's budget with this cell's overrides applied."""
+        return replace(budget, **dict(self.overrides)) if self.overrides else budget
 
     def cell_id(self) -> str:
         """A file-name-safe id, unique per (task, model)."""
@@ -114,8 +132,11 @@ class CellSpec:
 
     def config(self, budget: Budget) -> dict[str, Any]:
         """Everything that determines the cell's result (a resumed run compares it)."""
-        return {"cell": asdict(self) | {"test_lengths": list(self.test_lengths)},
-                "budget": asdict(budget)}
+        cell = asdict(self) | {"test_lengths": list(self.test_lengths)}
+        cell.pop("overrides")
+        if self.overrides:
+            cell["overrides"] = dict(self.overrides)
+        return {"cell": cell, "budget": asdict(self.budget(budget))}
 
 
 def config_hash(config: dict[str, Any]) -> str:

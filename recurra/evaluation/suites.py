@@ -19,44 +19,69 @@ from __future__ import annotations
 from .specs import CellSpec
 
 STATE_TRACKING_MODELS = ("lstm", "gru", "slstm", "paragru", "linear_attention", "mamba2", "s4d")
+#: S5 word problem over the 10 transpositions (they generate S5; see recurra.tasks.state_tracking)
+S5_TASK = "s5:inputs=transpositions"
 JRT_MODELS = ("gru", "linear_attention", "mamba2", "jrt")
 LENGTH_MODELS = ("lstm", "gru", "linear_attention", "mamba2", "transformer")
+#: passkey with a 2-digit key, so two-layer models learn retrieval at the training length
+PASSKEY_TASK = "passkey:key_digits=2"
 PASSKEY_STATE_SIZES = (4, 16, 64)
+PASSKEY_MODEL = "mamba2:n_layers=2:d_state={n}"
 #: training-free mitigations of state collapse (mamba2 options applied at test time only):
 #: forget more, remember less, and a sliding window shorter than the training length
-PASSKEY_MITIGATIONS = ("decay_scale=2", "insert_scale=0.5", "window=64")
-PASSKEY_TRAIN, PASSKEY_TESTS = 96, (96, 192, 384, 768)
+PASSKEY_MITIGATIONS = ("decay_scale=2", "insert_scale=0.5", "window=32")
+PASSKEY_TRAIN, PASSKEY_TESTS = 64, (64, 128, 256, 512, 1024)
+
+#: training steps and time cap (s) per task kind for the ``small`` budget; ``full`` doubles
+#: both, other budgets (smoke) keep their own. Parity keeps the budget's steps. Measured on an
+#: idle 2-core machine, no cell comes near its cap (EVALUATION.md, "Runtime").
+SMALL_STEPS = {"s5": (2500, 240), "jrt": (600, 180), "copy": (1500, 180),
+               "passkey": (600, 240)}
 
 
-def _grid(tasks, models, train_length, test_lengths, seed):
-    return [CellSpec(t, m, train_length, tuple(test_lengths), seed) for t in tasks for m in models]
+def _steps(kind: str, budget: str) -> tuple[tuple[str, float], ...]:
+    if kind not in SMALL_STEPS or budget not in ("small", "full"):
+        return ()
+    factor = 2 if budget == "full" else 1
+    steps, cap = SMALL_STEPS[kind]
+    return (("steps", steps * factor), ("max_train_seconds", cap * factor))
 
 
-def suite_cells(name: str, seed: int = 0) -> list[CellSpec]:
-    """The cells of suite ``name``."""
+def _grid(tasks, models, train_length, test_lengths, seed, overrides=()):
+    return [CellSpec(t, m, train_length, tuple(test_lengths), seed, tuple(overrides))
+            for t in tasks for m in models]
+
+
+def suite_cells(name: str, seed: int = 0, budget: str = "small") -> list[CellSpec]:
+    """The cells of suite ``name``; ``budget`` (a budget name) sizes the per-task steps."""
     if name == "state_tracking":
         return (_grid(["parity"], STATE_TRACKING_MODELS, 16, (8, 16, 32, 64, 128), seed)
-                + _grid(["s5"], STATE_TRACKING_MODELS, 16, (8, 16, 32, 64), seed))
+                + _grid([S5_TASK], STATE_TRACKING_MODELS, 16, (8, 16, 32, 64), seed,
+                        _steps("s5", budget)))
     if name == "jrt":
         base = "set_disjointness:n_items=32:short_size=2"
         tasks = [f"{base}:order=short_first", f"{base}:order=long_first",
                  f"{base}:order=long_first:jrt_prompt=true"]
-        return _grid(tasks, JRT_MODELS, 8, (4, 8, 16, 24), seed)
+        return _grid(tasks, JRT_MODELS, 8, (4, 8, 16, 24), seed, _steps("jrt", budget))
     if name == "stuffed_mamba":
         # capacity against state size: random needle depth (train and test)
-        capacity = [f"mamba2:d_state={n}" for n in PASSKEY_STATE_SIZES] + ["gru"]
+        capacity = [PASSKEY_MODEL.format(n=n) for n in PASSKEY_STATE_SIZES]
         # collapse and its fixes: the same trained d_state=16 model, needle at the end at test
-        collapse = ["mamba2:d_state=16"] + [f"mamba2:d_state=16@{m}" for m in PASSKEY_MITIGATIONS]
-        return (_grid(["passkey"], capacity, PASSKEY_TRAIN, PASSKEY_TESTS, seed)
-                + _grid(["passkey@depth=1"], collapse, PASSKEY_TRAIN, PASSKEY_TESTS, seed))
+        base = PASSKEY_MODEL.format(n=16)
+        collapse = [base] + [f"{base}@{m}" for m in PASSKEY_MITIGATIONS]
+        steps = _steps("passkey", budget)
+        return (_grid([PASSKEY_TASK], capacity, PASSKEY_TRAIN, PASSKEY_TESTS, seed, steps)
+                + _grid([PASSKEY_TASK + "@depth=1"], collapse, PASSKEY_TRAIN, PASSKEY_TESTS,
+                        seed, steps))
     if name == "length_generalisation":
-        return _grid(["copy", "reverse"], LENGTH_MODELS, 8, (4, 8, 12, 16, 24, 32), seed)
+        return _grid(["copy", "reverse"], LENGTH_MODELS, 8, (4, 8, 12, 16, 24, 32), seed,
+                     _steps("copy", budget))
     if name == "smoke":
         return (_grid(["parity"], ["lstm"], 16, (16, 32), seed)
                 + _grid(["set_disjointness:n_items=16:short_size=2"], ["gru"], 4, (4, 8), seed))
     if name == "default":
         return [c for s in ("state_tracking", "jrt", "length_generalisation", "stuffed_mamba")
-                for c in suite_cells(s, seed)]
+                for c in suite_cells(s, seed, budget)]
     raise ValueError(f"unknown suite {name!r}; known suites: {', '.join(SUITES)}")
 
 

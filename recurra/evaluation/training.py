@@ -33,11 +33,16 @@ EVAL_BATCH = 64
 
 
 def build_cell_model(model: ModelSpec, vocab_size: int, budget: Budget,
-                     test_time: bool = False) -> torch.nn.Module:
-    """The language model of a cell (``test_time`` adds the spec's test-only layer options)."""
+                     test_time: bool = False, tie_weights: bool = True) -> torch.nn.Module:
+    """The language model of a cell (``test_time`` adds the spec's test-only layer options).
+
+    ``tie_weights`` (the task's, see ``SequenceTask.tie_weights``) ties the output head to the
+    embedding unless the model spec sets ``tie_weights`` itself.
+    """
     from ..models import build_model
 
-    options = {"d_model": budget.d_model, "n_layers": budget.n_layers, **model.model_options}
+    options = {"d_model": budget.d_model, "n_layers": budget.n_layers,
+               "tie_weights": tie_weights, **model.model_options}
     if model.architecture == "transformer":
         d = options["d_model"]
         options.setdefault("n_heads", max(1, d // 16) if (d // max(1, d // 16)) % 2 == 0 else 1)
@@ -80,7 +85,7 @@ def train_model(cell: CellSpec, budget: Budget,
     spec = parse_model_spec(cell.model)
     task.check_length(cell.train_length)
     torch.manual_seed(cell.seed)
-    model = build_cell_model(spec, task.vocab_size, budget)
+    model = build_cell_model(spec, task.vocab_size, budget, tie_weights=task.tie_weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=budget.lr, weight_decay=0.01)
     lengths = task.train_lengths(cell.train_length)
     length_rng = np.random.default_rng(cell.seed)
@@ -148,7 +153,8 @@ def train_and_test(cell: CellSpec, budget: Budget,
     path = os.path.join(cache_dir, key + ".pt") if cache_dir else None
     if path and os.path.exists(path):
         saved = torch.load(path, weights_only=False)
-        model = build_cell_model(spec, test_task.vocab_size, budget)
+        model = build_cell_model(spec, test_task.vocab_size, budget,
+                                 tie_weights=test_task.tie_weights)
         model.load_state_dict(saved["state_dict"])
         record = dict(saved["record"], reused_training=key)
     else:
@@ -158,7 +164,8 @@ def train_and_test(cell: CellSpec, budget: Budget,
             torch.save({"state_dict": model.state_dict(), "record": record}, path + ".tmp")
             os.replace(path + ".tmp", path)
     if spec.test_layer_options:
-        test_model = build_cell_model(spec, test_task.vocab_size, budget, test_time=True)
+        test_model = build_cell_model(spec, test_task.vocab_size, budget, test_time=True,
+                                      tie_weights=test_task.tie_weights)
         test_model.load_state_dict(model.state_dict())
     else:
         test_model = model

@@ -19,6 +19,8 @@ before the question; ``depth=-1`` draws a depth uniformly per example).
 The answer is scored with teacher forcing: the last 4 digits of the key are inputs, the answer
 positions are the final "is" and those 4 digits, whose targets are the 5 digits. Sequence
 accuracy (all 5 digits right) therefore equals exact-match accuracy of greedy decoding.
+``key_digits`` (default 5) sets the length of the key: a shorter key is a lighter memory load,
+which lets a tiny model learn retrieval at its training length on a CPU budget.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .sequence_task import (
     TaskBatch,
     check_choice_option,
     check_float_option,
+    check_int_option,
     make_batch,
 )
 
@@ -60,8 +63,9 @@ class PasskeyTask(SequenceTask):
     default_train_length = 64
     default_test_lengths = (64, 128, 256, 512)
 
-    def __init__(self, unit: str = "word", depth: float = -1.0):
+    def __init__(self, unit: str = "word", depth: float = -1.0, key_digits: int = KEY_DIGITS):
         self.unit = check_choice_option("unit", unit, ("word", "char"))
+        self.key_digits = check_int_option("key_digits", key_digits, 1, 10)
         depth = check_float_option("depth", depth, -1.0, 1.0)
         if -1.0 < depth < 0.0:
             raise ValueError(f"depth must lie in [0, 1] (or be -1 for random), got {depth}")
@@ -85,7 +89,8 @@ class PasskeyTask(SequenceTask):
         self.filler_starts = sorted(set(s for s in self.filler_starts if s < len(period)))
 
     def options(self):
-        return {"unit": self.unit, "depth": self.depth}
+        extra = {"key_digits": self.key_digits} if self.key_digits != KEY_DIGITS else {}
+        return {"unit": self.unit, "depth": self.depth} | extra
 
     def encode(self, text: str) -> np.ndarray:
         return np.array([self.index[s] for s in tokenize(text, self.unit)], dtype=np.int64)
@@ -95,10 +100,10 @@ class PasskeyTask(SequenceTask):
         return sep.join(self.symbols[int(i)] for i in ids)
 
     def _needle_length(self) -> int:
-        return sum(len(p) for p in self.needle_parts) + 2 * KEY_DIGITS
+        return sum(len(p) for p in self.needle_parts) + 2 * self.key_digits
 
     def _fixed_length(self) -> int:
-        return len(self.prefix) + self._needle_length() + len(self.question) + KEY_DIGITS - 1
+        return len(self.prefix) + self._needle_length() + len(self.question) + self.key_digits - 1
 
     @property
     def min_length(self) -> int:  # type: ignore[override]
@@ -116,7 +121,7 @@ class PasskeyTask(SequenceTask):
         cands = np.array(sorted({p for p in range(filler_len + 1)
                                  if p % period in self.filler_starts} | {filler_len}))
         depths = rng.random(n) if self.depth < 0 else np.full(n, self.depth)
-        keys = rng.integers(0, 10, size=(n, KEY_DIGITS))
+        keys = rng.integers(0, 10, size=(n, self.key_digits))
         digit_ids = np.array([self.index[d] for d in DIGITS])
         inputs = np.empty((n, length), dtype=np.int64)
         positions = np.empty(n, dtype=np.int64)
@@ -131,8 +136,8 @@ class PasskeyTask(SequenceTask):
             positions[b] = len(self.prefix) + pos
         targets = np.zeros_like(inputs)
         mask = np.zeros(inputs.shape, dtype=bool)
-        targets[:, -KEY_DIGITS:] = digit_ids[keys]
-        mask[:, -KEY_DIGITS:] = True
+        targets[:, -self.key_digits:] = digit_ids[keys]
+        mask[:, -self.key_digits:] = True
         return make_batch(inputs, targets, mask, self.vocab_size, keys=keys,
                           needle_position=positions,
                           depth=np.where(filler_len > 0, (positions - len(self.prefix)) /

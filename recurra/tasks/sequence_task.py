@@ -73,6 +73,9 @@ class SequenceTask:
     min_length: ClassVar[int] = 1
     #: size of the token vocabulary (inputs and targets); set by each task's constructor
     vocab_size: int = 0
+    #: whether an input token and a target token with the same id mean the same thing, so a
+    #: model may tie its output head to its embedding (False for e.g. S5: a move vs a state)
+    tie_weights: ClassVar[bool] = True
 
     def options(self) -> dict[str, Any]:
         """The constructor options of this task (used for seeding and for reports)."""
