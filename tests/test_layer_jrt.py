@@ -1,9 +1,8 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
-from recurra.layers import build
-from recurra.layers.jrt import PrefixLinearAttention, jrt_loss, prefix_mlm_loss
+from recurra.layers.jrt import PrefixLinearAttention
+from recurra.layers.linear_attention import LinearAttention
 from recurra.ops.linear_attention import feature_map
 from recurra.testing import check_layer_contract
 
@@ -19,12 +18,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def memory_state(seen):
+def memory_state(seen, prefix):
     def sample(layer, batch, gen):
         shapes = layer.state_shapes(batch)
         s = torch.randn(shapes[0], generator=gen, dtype=torch.float64)
         z = torch.rand(shapes[1], generator=gen, dtype=torch.float64) + 0.5
-        return s, z, torch.full((batch,), float(seen), dtype=torch.float64)
+        return (s, z, torch.full((batch,), float(seen), dtype=torch.float64),
+                torch.full((batch,), float(prefix), dtype=torch.float64))
     return sample
 
 
@@ -35,7 +35,7 @@ def small_layer(**kw):
 
 def test_contract_from_a_fresh_sequence():
     # the prefix (first M tokens) is read non-causally: padding and gradcheck checks
-    check_layer_contract(small_layer(), steps=9, state_sampler=memory_state(0))
+    check_layer_contract(small_layer(), steps=9, state_sampler=memory_state(0, 0))
 
 
 class _AfterPrefix(PrefixLinearAttention):
@@ -46,10 +46,10 @@ class _AfterPrefix(PrefixLinearAttention):
 
 def test_contract_after_the_prefix_is_causal():
     layer = _AfterPrefix(4, prefix_length=M, heads=2, key_dim=2, chunk_size=4)
-    check_layer_contract(layer, steps=7, state_sampler=memory_state(M))
+    check_layer_contract(layer, steps=7, state_sampler=memory_state(M, M))
 
 
-def dense_prefix_attention(layer, x):
+def dense_prefix_attention(layer, x, m=M):
     """Oracle: the formula of the paper, written densely from the layer's projections."""
     b, t, _ = x.shape
     h = layer.heads
@@ -60,8 +60,8 @@ def dense_prefix_attention(layer, x):
     q = feature_map(heads(layer.q_proj(x)), "taylor")
     k = feature_map(heads(layer.k_proj(x)), "taylor")
     v = heads(layer.v_proj(x))
-    ke = feature_map(heads(layer.ke_proj(x)), "taylor")[:, :, :M]
-    ve = heads(layer.ve_proj(x))[:, :, :M]
+    ke = feature_map(heads(layer.ke_proj(x)), "taylor")[:, :, :m]
+    ve = heads(layer.ve_proj(x))[:, :, :m]
     causal = torch.ones(t, t, dtype=x.dtype).tril()
     num = (q @ k.transpose(-1, -2) * causal) @ v + (q @ ke.transpose(-1, -2)) @ ve
     den = (q @ k.transpose(-1, -2) * causal).sum(-1) + (q @ ke.transpose(-1, -2)).sum(-1)
@@ -74,7 +74,7 @@ def test_matches_dense_formula_and_prefill_then_decode():
     x = torch.randn(2, 11, 4, dtype=torch.float64)
     y, state = layer(x)
     torch.testing.assert_close(y, dense_prefix_attention(layer, x), atol=1e-10, rtol=1e-9)
-    assert state[2].tolist() == [11.0, 11.0]
+    assert state[2].tolist() == [11.0, 11.0] and state[3].tolist() == [M, M]
     # prefill the first M + 1 tokens, then decode token by token
     y_pre, st = layer(x[:, :M + 1])
     ys = [y_pre]
@@ -120,45 +120,48 @@ def test_continuing_inside_the_prefix_raises():
         layer.step(torch.randn(1, 4))
 
 
-def test_prefix_mlm_loss_masks_only_the_prefix():
-    vocab, mask_id = 7, 6
-    tokens = torch.randint(0, 6, (3, 12), generator=torch.Generator().manual_seed(0))
-    seen = {}
-
-    def logits_fn(tok):
-        seen["tok"] = tok
-        return torch.nn.functional.one_hot(tok, vocab).double() * 2.0
-
-    loss = prefix_mlm_loss(logits_fn, tokens, prefix_length=5, mask_token_id=mask_id,
-                           mask_prob=0.5, generator=torch.Generator().manual_seed(1))
-    corrupted = seen["tok"]
-    masked = corrupted != tokens
-    assert masked.any() and not masked[:, 5:].any()
-    assert (corrupted[masked] == mask_id).all()
-    expected = F.cross_entropy(logits_fn(corrupted)[masked], tokens[masked])
-    torch.testing.assert_close(loss, expected)
+def test_per_row_prefix_lengths_match_the_dense_formula_row_by_row():
+    layer = small_layer().double()
+    x = torch.randn(3, 8, 4, dtype=torch.float64)
+    prefix = [0, 2, 5]
+    y, state = layer(x, prefix_lengths=torch.tensor(prefix))
+    for b, m in enumerate(prefix):
+        torch.testing.assert_close(y[b:b + 1], dense_prefix_attention(layer, x[b:b + 1], m),
+                                   atol=1e-10, rtol=1e-9)
+    assert state[3].tolist() == prefix
+    # an int is every row's prefix; prefix 0 is causal linear attention with the Taylor map
+    y0, _ = layer(x, prefix_lengths=0)
+    plain = LinearAttention(4, heads=2, feature_map="taylor", key_dim=2, chunk_size=4).double()
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items()
+                           if not k.startswith(("ke_", "ve_"))})
+    torch.testing.assert_close(y0, plain(x)[0], atol=1e-12, rtol=1e-10)
 
 
-def test_jrt_loss_trains_an_embedding_model():
-    torch.manual_seed(0)
-    vocab = 11
-    emb = torch.nn.Embedding(vocab, 8)
-    layer = build("jrt", 8, prefix_length=6, heads=2, key_dim=4)
-    head = torch.nn.Linear(8, vocab)
-    params = [*emb.parameters(), *layer.parameters(), *head.parameters()]
-    opt = torch.optim.Adam(params, lr=3e-2)
+def test_per_row_prefix_then_decode_equals_one_pass():
+    layer = small_layer().double()
+    x = torch.randn(2, 9, 4, dtype=torch.float64)
+    prefix = torch.tensor([3, 6])
+    y, state = layer(x, prefix_lengths=prefix)
+    y_pre, st = layer(x[:, :6], prefix_lengths=prefix)
+    ys = [y_pre]
+    for t in range(6, 9):
+        y_t, st = layer.step(x[:, t], st)
+        ys.append(y_t.unsqueeze(1))
+    torch.testing.assert_close(torch.cat(ys, 1), y, atol=1e-10, rtol=1e-9)
+    for a, c in zip(st, state):
+        torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-9)
 
-    def logits_fn(tok):
-        return head(layer(emb(tok))[0])
 
-    # learnable data: each token is the previous one plus 3 (mod 10), random starts
-    tokens = (torch.randint(0, 10, (8, 1)) + 3 * torch.arange(16)) % 10
-    losses = []
-    for i in range(20):
-        loss = jrt_loss(logits_fn, tokens, prefix_length=6, mask_token_id=vocab - 1,
-                        generator=torch.Generator().manual_seed(i))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+def test_prefix_lengths_bad_input():
+    layer = small_layer()
+    x = torch.randn(2, 5, 4)
+    for bad, match in ((6, r"\[0, 5\]"), (-1, r"\[0, 5\]"), ([1, 2, 3], r"shape \(2,\)"),
+                       (torch.tensor([1.0, 2.0]), "integers"), (True, "bool")):
+        with pytest.raises(ValueError, match=match):
+            layer(x, prefix_lengths=bad)
+    _, st = layer(x, prefix_lengths=2)
+    with pytest.raises(ValueError, match="continue a sequence"):
+        layer(x, st, prefix_lengths=2)
+    layer(x, st, prefix_lengths=0)  # 0 for continuing rows is fine
+    with pytest.raises(ValueError, match="prefix_length must be an int >= 0"):
+        PrefixLinearAttention(4, prefix_length=-1)

@@ -15,7 +15,8 @@ Data parallel: torchrun --nproc_per_node=N -m recurra train ...  (see docs/train
 
 # flags that map one-to-one onto TrainConfig fields
 _TRAIN_FLAGS = ("seq_len", "batch_size", "steps", "lr", "warmup_steps", "weight_decay",
-                "grad_clip", "seed", "eval_every", "device", "data")
+                "grad_clip", "seed", "eval_every", "device", "data", "prefix_length",
+                "mlm_weight", "mask_prob", "mask_token")
 
 
 def register(subparsers) -> None:
@@ -44,6 +45,13 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, help="random seed (default 0)")
     t.add_argument("--eval-every", type=int, help="evaluate + checkpoint every N steps (default 200)")
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    t.add_argument("--prefix-length", type=int,
+                   help="JRT prefix training (layers that read a prefix, e.g. --layer jrt): the "
+                   "first N bytes of every window are its prefix; loss = next-byte loss after "
+                   "it + MLM loss on it (default 0 = off; see docs/training.md)")
+    t.add_argument("--mlm-weight", type=float, help="prefix MLM loss weight (default 0.25)")
+    t.add_argument("--mask-prob", type=float, help="prefix bytes masked (default 0.15)")
+    t.add_argument("--mask-token", type=int, help="byte used as the mask (default 0, NUL)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--out", default="runs/default", help="checkpoint folder (default runs/default)")
     t.add_argument("--resume", action="store_true",
@@ -115,6 +123,11 @@ def build_config(args):
         if value is not None:
             fields[name] = value
     fields["out"] = args.out
+    if (getattr(args, "prefix_length", None) and fields["model"].get("layer") == "jrt"
+            and "prefix_length" not in fields["model"].get("layer_options", {})):
+        # calls without prefix_lengths (e.g. `recurra sample`) then read the trained prefix
+        fields["model"]["layer_options"] = {**fields["model"].get("layer_options", {}),
+                                            "prefix_length": args.prefix_length}
     return TrainConfig.from_dict(fields)
 
 
@@ -157,11 +170,17 @@ def run(args) -> int:
             from recurra.commands.sample import sample_tokens
             from recurra.tasks.byte_tokenizer import ByteTokenizer
 
-            tokenizer, prompt = ByteTokenizer(), "The "
+            tokenizer = ByteTokenizer()
+            prompt_ids = tokenizer.encode("The ")
+            if config.prefix_length:  # JRT: the prompt holds the whole prefix
+                from recurra.tasks.corpus import load_corpus
+
+                prompt_ids = tokenizer.encode(
+                    load_corpus(config.data).validation[:config.prefix_length])
             model = result.model.eval()
-            new = sample_tokens(model, tokenizer.encode(prompt), args.sample_tokens,
+            new = sample_tokens(model, prompt_ids, args.sample_tokens,
                                 temperature=0.8, seed=config.seed)
-            print("sample:", prompt + tokenizer.decode(new))
+            print("sample:", tokenizer.decode(prompt_ids + new))
     return 0
 
 

@@ -11,6 +11,14 @@
 ``logits, state = model(tokens, state=None, lengths=None)``: ``state`` is a tuple with one layer
 state per block; passing it back continues every sequence exactly, so a long text can be fed in
 chunks (stateful truncated back-propagation) and generation needs only ``model.step``.
+
+Prefix layers: besides causal layers, a block accepts a layer that is causal *after a prefix*
+(attribute ``causal_after_prefix = True``, e.g. ``jrt``): it reads the first P tokens of a
+sequence non-causally and every later position causally. ``model(tokens, prefix_lengths=P)``
+(an int or one per row) gives every such layer the prefix of the sequences this call starts;
+the rest of the block (norms, MLP) is position-wise, so the logits at positions >= P depend only
+on the prefix and the tokens before them. After the prefix, further calls and ``step`` decode
+causally from the carried state.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 from torch import nn
 
 from ..layers import RecurrentLayer, build, check_lengths, time_mask
+from ..layers.jrt import check_prefix_lengths
 
 ModelState = tuple  # tuple of per-block layer states (each a tuple of tensors)
 
@@ -40,6 +49,12 @@ class RecurrentLMConfig:
     mlp_ratio: float = 4
     dropout: float = 0.0
     tie_weights: bool = True
+
+
+def reads_prefix(layer: RecurrentLayer) -> bool:
+    """True for a non-causal layer that is causal after a prefix (``causal_after_prefix``) and
+    takes ``prefix_lengths`` in its forward."""
+    return not layer.causal and bool(getattr(layer, "causal_after_prefix", False))
 
 
 class MLP(nn.Module):
@@ -69,8 +84,11 @@ class Block(nn.Module):
                 f"layer {layer!r} built with d_model={d_model} maps {self.mixer.input_size} -> "
                 f"{self.mixer.output_size} features; a block needs {d_model} -> {d_model}"
             )
-        if not self.mixer.causal:
-            raise ValueError(f"layer {layer!r} is not causal; a language model needs a causal one")
+        #: the mixer reads a prefix non-causally and is causal after it
+        self.reads_prefix = reads_prefix(self.mixer)
+        if not (self.mixer.causal or self.reads_prefix):
+            raise ValueError(f"layer {layer!r} is not causal (nor causal after a prefix); a "
+                             "language model needs a causal one")
         self.dropout = nn.Dropout(dropout)
         hidden = round(mlp_ratio * d_model)
         if hidden > 0:
@@ -80,8 +98,12 @@ class Block(nn.Module):
             self.norm_mlp = None
             self.mlp = None
 
-    def forward(self, x: torch.Tensor, state, lengths: torch.Tensor | None):
-        y, state = self.mixer(self.norm_mix(x), state, lengths)
+    def forward(self, x: torch.Tensor, state, lengths: torch.Tensor | None,
+                prefix_lengths: torch.Tensor | None = None):
+        if self.reads_prefix:
+            y, state = self.mixer(self.norm_mix(x), state, lengths, prefix_lengths=prefix_lengths)
+        else:
+            y, state = self.mixer(self.norm_mix(x), state, lengths)
         x = x + self.dropout(y)
         if self.mlp is not None:
             x = x + self.mlp(self.norm_mlp(x))
@@ -146,6 +168,11 @@ class RecurrentLM(nn.Module):
                 nn.init.normal_(block.mlp.down.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
                 nn.init.zeros_(block.mlp.down.bias)
 
+    @property
+    def reads_prefix(self) -> bool:
+        """True when some block's layer reads a prefix non-causally (see the module docstring)."""
+        return any(block.reads_prefix for block in self.blocks)
+
     # ----------------------------------------------------------------- state
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         """The state of empty sequences: one layer state per block."""
@@ -172,12 +199,16 @@ class RecurrentLM(nn.Module):
         state: ModelState | None = None,
         lengths: torch.Tensor | Sequence[int] | None = None,
         return_hidden: bool = False,
+        prefix_lengths: int | torch.Tensor | Sequence[int] | None = None,
     ):
         """``tokens`` (B, T) -> ``logits`` (B, T, vocab_size), ``state``.
 
         With ``lengths`` (B,), row b reads only ``tokens[b, :lengths[b]]``: its returned state is
         the one after ``lengths[b]`` tokens, and its logits (and hidden states) beyond are 0.
         With ``return_hidden=True`` also returns the final-norm hidden states (B, T, d_model).
+        ``prefix_lengths`` (an int or (B,) ints in [0, T]; only for models whose layers read a
+        prefix, see :attr:`reads_prefix`): the prefix of each sequence this call starts; None
+        leaves each layer to its default.
         """
         self._check_tokens(tokens, dims=2, shape="(batch, time)")
         batch, steps = tokens.shape
@@ -186,11 +217,17 @@ class RecurrentLM(nn.Module):
         else:
             self._check_state_arity(state)
         lengths = check_lengths(lengths, batch, steps, tokens.device)
+        if prefix_lengths is not None:
+            if not self.reads_prefix:
+                raise ValueError(
+                    f"prefix_lengths given, but no layer of this model reads a prefix (layer "
+                    f"{self.config.layer!r} is causal); pass prefix_lengths=None")
+            prefix_lengths = check_prefix_lengths(prefix_lengths, batch, steps, tokens.device)
 
         x = self.dropout(self.embedding(tokens))
         new_state = []
         for block, block_state in zip(self.blocks, state):
-            x, block_state = block(x, block_state, lengths)
+            x, block_state = block(x, block_state, lengths, prefix_lengths)
             new_state.append(block_state)
         hidden = self.norm(x)
         if lengths is not None:

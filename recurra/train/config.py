@@ -42,6 +42,15 @@ class TrainConfig:
     out: str = "runs/default"
     #: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     device: str = "auto"
+    #: JRT prefix training (0 = off): every window of seq_len bytes is a sequence whose first
+    #: prefix_length bytes the model's prefix layers read non-causally; the loss is next-token
+    #: cross-entropy on the rest plus mlm_weight x a masked-LM loss on the prefix
+    #: (recurra.train.prefix_objective); no state is carried between windows
+    prefix_length: int = 0
+    mlm_weight: float = 0.25
+    #: fraction of prefix bytes replaced by mask_token (a byte value; NUL by default)
+    mask_prob: float = 0.15
+    mask_token: int = 0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -58,6 +67,17 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip!r}")
+        if not isinstance(self.prefix_length, int) or isinstance(self.prefix_length, bool) \
+                or not 0 <= self.prefix_length < self.seq_len:
+            raise ValueError(f"prefix_length must be an int in [0, seq_len - 1 = "
+                             f"{self.seq_len - 1}] (0 = off), got {self.prefix_length!r}")
+        if not self.mlm_weight >= 0:
+            raise ValueError(f"mlm_weight must be >= 0, got {self.mlm_weight!r}")
+        if not 0 < self.mask_prob <= 1:
+            raise ValueError(f"mask_prob must lie in (0, 1], got {self.mask_prob!r}")
+        if not isinstance(self.mask_token, int) or not 0 <= self.mask_token <= 255:
+            raise ValueError(f"mask_token must be a byte value in [0, 255], got "
+                             f"{self.mask_token!r}")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a config dict, got {type(self.model).__name__}")
 

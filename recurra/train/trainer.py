@@ -8,6 +8,12 @@
         every eval_every steps and at the end: validation loss and bits per byte (rank 0),
         then a checkpoint (rank 0 writes; every rank's carried state and RNG state are gathered)
 
+With ``prefix_length`` > 0 (JRT prefix training, for models whose layers read a prefix): every
+batch is a set of fresh sequences (no carried state), the first ``prefix_length`` bytes of each
+are its prefix, and the loss is :func:`recurra.train.prefix_objective.prefix_lm_loss` (next-byte
+loss on the suffix + ``mlm_weight`` x masked-LM loss on the prefix); validation scores the
+suffixes of windows with clean prefixes.
+
 A run stopped after a checkpoint and resumed with ``resume=True`` computes exactly the losses the
 uninterrupted run computes: weights, optimizer, scheduler, RNG states and the carried recurrent
 states are all restored, and the data position is a function of the step.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,15 @@ from ..tasks.corpus import load_corpus
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import Distributed, barrier, gather, mean_across_ranks, setup, teardown
-from .evaluate import at_least_float32, bits, evaluate_loss, stream_targets, unigram_bits_per_byte
+from .evaluate import (
+    at_least_float32,
+    bits,
+    evaluate_loss,
+    evaluate_prefix_loss,
+    stream_targets,
+    unigram_bits_per_byte,
+)
+from .prefix_objective import prefix_lm_loss
 from .schedule import make_scheduler
 from .streams import TokenStreams
 
@@ -107,8 +122,10 @@ _RESUME_FREE = ("steps", "eval_every", "device", "out", "grad_clip")
 
 def _check_resumable(saved: dict, config: TrainConfig) -> None:
     current = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as saved
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
     for name in sorted(set(current) - set(_RESUME_FREE)):
-        if saved.get(name) != current[name]:
+        # a checkpoint written before a setting existed was trained with its default
+        if saved.get(name, defaults.get(name)) != current[name]:
             raise ValueError(
                 f"cannot resume: {name} is {current[name]!r} but the checkpoint was trained with "
                 f"{saved.get(name)!r}"
@@ -172,7 +189,14 @@ def _train(config: TrainConfig, ctx: Distributed, resume: bool, stop_after: int 
     # ---- model, optimizer, schedule (the same initial weights on every rank)
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
-    stateful = isinstance(model, RecurrentLM)
+    prefix_mode = config.prefix_length > 0
+    if prefix_mode:
+        _check_prefix_model(model, config)
+        if config.mask_token in set(corpus.train[:1_000_000]):
+            warnings.warn(f"mask_token {config.mask_token} occurs in the training text: masked "
+                          "prefix bytes are then indistinguishable from real ones (choose "
+                          "another byte with mask_token)", stacklevel=2)
+    stateful = isinstance(model, RecurrentLM) and not prefix_mode
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
     torch.manual_seed(config.seed + 7919 * (ctx.rank + 1))  # per-rank dropout masks
@@ -224,12 +248,19 @@ def _train(config: TrainConfig, ctx: Distributed, resume: bool, stop_after: int 
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if new_epoch:
             carried = None
-        if stateful:
-            logits, carried = net(x, carried)
-            carried = _detach(carried)
+        parts = None
+        if prefix_mode:
+            parts = prefix_lm_loss(net, x, y, config.prefix_length, config.mask_token,
+                                   config.mlm_weight, config.mask_prob)
+            loss = parts.total
         else:
-            logits = net(x)[0]
-        loss = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.shape[-1]), y.reshape(-1))
+            if stateful:
+                logits, carried = net(x, carried)
+                carried = _detach(carried)
+            else:
+                logits = net(x)[0]
+            loss = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.shape[-1]),
+                                   y.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -243,14 +274,22 @@ def _train(config: TrainConfig, ctx: Distributed, resume: bool, stop_after: int 
         result.tokens += tokens_per_step
         elapsed = time.perf_counter() - start
         if ctx.is_main:
-            _log(out, {"step": step, "loss": mean_loss, "lr": lr})
+            row = {"step": step, "loss": mean_loss, "lr": lr}
+            if parts is not None:  # this rank's parts of the loss
+                row.update(next_token_loss=parts.next_token.item(),
+                           masked_lm_loss=parts.masked_lm.item())
+            _log(out, row)
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{result.tokens / elapsed:,.0f}")
             bar.update(1)
 
         if step % config.eval_every == 0 or step == config.steps:
             if ctx.is_main:
-                val_loss = evaluate_loss(model, val_bytes, config.eval_batch_size,
-                                         config.seq_len, device, stateful)
+                if prefix_mode:
+                    val_loss = evaluate_prefix_loss(model, val_bytes, config.eval_batch_size,
+                                                    config.seq_len, config.prefix_length, device)
+                else:
+                    val_loss = evaluate_loss(model, val_bytes, config.eval_batch_size,
+                                             config.seq_len, device, stateful)
                 row = {"step": step, "val_loss": val_loss, "val_bpb": bits(val_loss)}
                 result.evals.append(row)
                 _log(out, row)
@@ -265,6 +304,18 @@ def _train(config: TrainConfig, ctx: Distributed, resume: bool, stop_after: int 
     result.step = step
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_prefix_model(model, config: TrainConfig) -> None:
+    if not getattr(model, "reads_prefix", False):
+        raise ValueError(
+            f"prefix_length={config.prefix_length} needs a model whose layers read a prefix "
+            f"(e.g. layer 'jrt'); layer {config.model.get('layer')!r} of architecture "
+            f"{config.model.get('architecture', 'recurrent')!r} does not")
+    vocab = config.model.get("vocab_size")
+    if not config.mask_token < vocab:
+        raise ValueError(f"mask_token {config.mask_token} is not a token of the model's "
+                         f"vocabulary of {vocab}")
 
 
 def _save(ctx: Distributed, out: Path, model, config: TrainConfig, step: int, optimizer,
