@@ -215,3 +215,22 @@ def test_cli_trains_a_jrt_model_with_a_prefix_and_samples_after_it(tmp_path, cap
     assert saved["prefix_length"] == 8 and saved["mlm_weight"] == 0.25
     # the layer's default prefix follows --prefix-length, so plain calls read the same prefix
     assert saved["model"]["layer_options"] == {"heads": 2, "key_dim": 4, "prefix_length": 8}
+
+
+def test_evaluate_prefix_loss_scores_the_suffix_of_each_window():
+    from recurra.train.evaluate import evaluate_prefix_loss
+
+    model = jrt_model(vocab_size=256).double()
+    data = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(0))
+    got = evaluate_prefix_loss(model, data, n_streams=2, seq_len=10, prefix_length=4,
+                               device=torch.device("cpu"))
+    # by hand: 2 streams of 35 bytes; windows [0,10), [10,20), [20,30), [30,34): the last has
+    # no suffix position beyond its 4-byte prefix, so it is skipped
+    terms = []
+    for s in range(2):
+        stream = data[35 * s:35 * (s + 1)]
+        for lo in (0, 10, 20):
+            x, y = stream[lo:lo + 10], stream[lo + 1:lo + 11]
+            logp = torch.log_softmax(model(x[None], prefix_lengths=4)[0][0], -1)
+            terms += [-logp[t, y[t]].item() for t in range(4, 10)]
+    assert math.isclose(got, sum(terms) / len(terms), rel_tol=1e-9)
