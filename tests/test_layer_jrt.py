@@ -76,9 +76,14 @@ def test_matches_dense_formula_and_prefill_then_decode():
     torch.testing.assert_close(y, dense_prefix_attention(layer, x), atol=1e-10, rtol=1e-9)
     assert state[2].tolist() == [11.0, 11.0] and state[3].tolist() == [M, M]
     # prefill the first M + 1 tokens, then decode token by token
-    y_pre, st = layer(x[:, :M + 1])
+    check_prefill_then_steps(layer, x, M + 1, y, state)
+
+
+def check_prefill_then_steps(layer, x, n, y, state, **prefix):
+    """Prefill ``x[:, :n]``, step through the rest: the outputs and final state are ``y, state``."""
+    y_pre, st = layer(x[:, :n], **prefix)
     ys = [y_pre]
-    for t in range(M + 1, 11):
+    for t in range(n, x.shape[1]):
         y_t, st = layer.step(x[:, t], st)
         ys.append(y_t.unsqueeze(1))
     torch.testing.assert_close(torch.cat(ys, 1), y, atol=1e-10, rtol=1e-9)
@@ -142,14 +147,7 @@ def test_per_row_prefix_then_decode_equals_one_pass():
     x = torch.randn(2, 9, 4, dtype=torch.float64)
     prefix = torch.tensor([3, 6])
     y, state = layer(x, prefix_lengths=prefix)
-    y_pre, st = layer(x[:, :6], prefix_lengths=prefix)
-    ys = [y_pre]
-    for t in range(6, 9):
-        y_t, st = layer.step(x[:, t], st)
-        ys.append(y_t.unsqueeze(1))
-    torch.testing.assert_close(torch.cat(ys, 1), y, atol=1e-10, rtol=1e-9)
-    for a, c in zip(st, state):
-        torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-9)
+    check_prefill_then_steps(layer, x, 6, y, state, prefix_lengths=prefix)
 
 
 def test_prefix_lengths_bad_input():
