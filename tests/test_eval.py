@@ -45,8 +45,14 @@ def test_model_spec_parsing():
 
 def test_suites_are_well_formed():
     for name in SUITES:
-        cells = suite_cells(name)
-        assert cells and len({c.cell_id() for c in cells}) == len(cells)
+        for budget in ("smoke", "small", "full"):
+            cells = suite_cells(name, budget=budget)
+            assert cells and len({c.cell_id() for c in cells}) == len(cells)
+    small = {c.cell_id(): c for c in suite_cells("default", budget="small")}
+    full = {c.cell_id(): c for c in suite_cells("default", budget="full")}
+    assert set(small) < set(full)  # full adds the trained Stuffed-Mamba mitigation
+    s5 = next(c for c in small.values() if c.task.startswith("s5"))
+    assert dict(s5.overrides)["steps"] == 2500 and dict(full[s5.cell_id()].overrides)["steps"] == 5000
     with pytest.raises(ValueError, match="unknown suite"):
         suite_cells("nope")
     cells = grid_cells(["parity", "copy"], ["lstm", "gru"])
@@ -149,6 +155,16 @@ def test_report_files(tmp_path):
     assert "| `a` | 0.75 | 0.75 |" in md and "8*" in md
     assert "`bad`: RuntimeError: bad is broken" in md
     assert os.path.getsize(paths["parity"]) > 1000  # a PNG was drawn
+
+
+def test_report_splits_a_task_trained_at_two_lengths(tmp_path):
+    from recurra.evaluation.report import group_by_task
+
+    cells = [CellSpec("parity", "a", 4, (4, 8)), CellSpec("parity", "a", 8, (4, 8)),
+             CellSpec("copy", "a", 4, (4,))]
+    results = run_cells(cells, BUDGETS["smoke"], str(tmp_path), progress=False,
+                        train_fn=fake_train([]))
+    assert list(group_by_task(results)) == ["parity [train 4]", "parity [train 8]", "copy"]
 
 
 def test_real_cells_smoke_lstm_solves_parity_and_unknown_layer_fails(tmp_path):

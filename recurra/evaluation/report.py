@@ -19,9 +19,17 @@ def plot_name(task: str) -> str:
 
 
 def group_by_task(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Results per task spec; a task trained at several lengths gets one group per length
+    (named ``task [train L]``)."""
+    lengths: dict[str, set] = {}
+    for r in results:
+        lengths.setdefault(r["task"], set()).add(r.get("train_length"))
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault(r["task"], []).append(r)
+        key = r["task"]
+        if len(lengths[key]) > 1:
+            key = f"{key} [train {r.get('train_length')}]"
+        groups.setdefault(key, []).append(r)
     return groups
 
 

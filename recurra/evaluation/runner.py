@@ -60,7 +60,7 @@ def run_cells(cells: Sequence[CellSpec], budget: Budget, out_dir: str, resume: b
         from .training import train_and_test as train_fn
     ids = [c.cell_id() for c in cells]
     if len(set(ids)) != len(ids):
-        raise ValueError("cells must be distinct (same task and model spec given twice)")
+        raise ValueError("cells must be distinct (same task, model spec and training length given twice)")
     results: list[dict[str, Any]] = []
     bar = None
     if progress:

@@ -125,8 +125,8 @@ class CellSpec:
         return replace(budget, **dict(self.overrides)) if self.overrides else budget
 
     def cell_id(self) -> str:
-        """A file-name-safe id, unique per (task, model)."""
-        text = f"{self.task}__{self.model}"
+        """A file-name-safe id, unique per (task, model, training length)."""
+        text = f"{self.task}__{self.model}__train{self.train_length}"
         safe = re.sub(r"[^A-Za-z0-9_.=-]+", "-", text)
         return safe if len(safe) < 150 else safe[:120] + "-" + _digest(text)[:12]
 

@@ -5,10 +5,11 @@ Every suite tests one claim of the papers recurra follows (EVALUATION.md reports
 - ``state_tracking``: nonlinear RNNs (lstm, gru, slstm, paragru) track parity and S5 state at
   lengths where linear recurrences (linear_attention, mamba2, s4d) fail (FlashRNN, xLSTM);
 - ``jrt``: causal recall of set disjointness depends on which set comes first (short set first
-  vs long set first); reading the context twice (JRT-Prompt, on the hard order) and the
+  vs long set first); reading the context twice (JRT-Prompt, on both orders) and the
   prefix-linear-attention ``jrt`` layer close the gap;
 - ``stuffed_mamba``: mamba2 trained on short passkey contexts collapses beyond them; the test-time
-  mitigations restore accuracy; passkey capacity grows with the state size;
+  mitigations restore accuracy; passkey capacity grows with the state size; with ``full``
+  also the trained mitigation (the same model trained on 4x longer contexts);
 - ``length_generalisation``: copy and reverse beyond the training length, recurrent layers vs a
   Transformer (Universal Transformers);
 - ``smoke``: one tiny cell per claim type, seconds on CPU (CI).
@@ -60,9 +61,12 @@ def suite_cells(name: str, seed: int = 0, budget: str = "small") -> list[CellSpe
                         _steps("s5", budget)))
     if name == "jrt":
         base = "set_disjointness:n_items=32:short_size=2"
-        tasks = [f"{base}:order=short_first", f"{base}:order=long_first",
-                 f"{base}:order=long_first:jrt_prompt=true"]
-        return _grid(tasks, JRT_MODELS, 8, (4, 8, 16, 24), seed, _steps("jrt", budget))
+        orders = [f"{base}:order=short_first", f"{base}:order=long_first"]
+        steps = _steps("jrt", budget)
+        # JRT-Prompt (read the context twice) on both orders, for the causal models only
+        return (_grid(orders, JRT_MODELS, 8, (4, 8, 16, 24), seed, steps)
+                + _grid([f"{o}:jrt_prompt=true" for o in orders],
+                        [m for m in JRT_MODELS if m != "jrt"], 8, (4, 8, 16, 24), seed, steps))
     if name == "stuffed_mamba":
         # capacity against state size: random needle depth (train and test)
         capacity = [PASSKEY_MODEL.format(n=n) for n in PASSKEY_STATE_SIZES]
@@ -70,9 +74,13 @@ def suite_cells(name: str, seed: int = 0, budget: str = "small") -> list[CellSpe
         base = PASSKEY_MODEL.format(n=16)
         collapse = [base] + [f"{base}@{m}" for m in PASSKEY_MITIGATIONS]
         steps = _steps("passkey", budget)
-        return (_grid([PASSKEY_TASK], capacity, PASSKEY_TRAIN, PASSKEY_TESTS, seed, steps)
-                + _grid([PASSKEY_TASK + "@depth=1"], collapse, PASSKEY_TRAIN, PASSKEY_TESTS,
-                        seed, steps))
+        cells = (_grid([PASSKEY_TASK], capacity, PASSKEY_TRAIN, PASSKEY_TESTS, seed, steps)
+                 + _grid([PASSKEY_TASK + "@depth=1"], collapse, PASSKEY_TRAIN, PASSKEY_TESTS,
+                         seed, steps))
+        if budget == "full":  # the trained mitigation: train on 4x longer contexts
+            cells += _grid([PASSKEY_TASK + "@depth=1", PASSKEY_TASK], [base],
+                           4 * PASSKEY_TRAIN, PASSKEY_TESTS, seed, steps)
+        return cells
     if name == "length_generalisation":
         return _grid(["copy", "reverse"], LENGTH_MODELS, 8, (4, 8, 12, 16, 24, 32), seed,
                      _steps("copy", budget))
