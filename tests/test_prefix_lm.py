@@ -194,6 +194,12 @@ def test_trainer_prefix_mode_bad_input(tmp_path):
             "layer": "lstm"}
     with pytest.raises(ValueError, match="needs a model whose layers read a prefix"):
         train(_tiny_config(tmp_path, model=lstm), verbose=False)
+    # a prefix layer in plain (stateful next-token) training: only with prefix_length 0
+    with pytest.raises(ValueError, match="read a prefix of \\[8\\] tokens"):
+        train(_tiny_config(tmp_path, prefix_length=0), verbose=False)
+    causal = _tiny_config(tmp_path, prefix_length=0, steps=2, eval_every=2)
+    causal.model["layer_options"]["prefix_length"] = 0
+    assert len(train(causal, verbose=False).losses) == 2
 
 
 def test_cli_trains_a_jrt_model_with_a_prefix_and_samples_after_it(tmp_path, capsys):

@@ -196,6 +196,8 @@ def _train(config: TrainConfig, ctx: Distributed, resume: bool, stop_after: int 
             warnings.warn(f"mask_token {config.mask_token} occurs in the training text: masked "
                           "prefix bytes are then indistinguishable from real ones (choose "
                           "another byte with mask_token)", stacklevel=2)
+    else:
+        _check_causal_model(model)
     stateful = isinstance(model, RecurrentLM) and not prefix_mode
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
@@ -316,6 +318,20 @@ def _check_prefix_model(model, config: TrainConfig) -> None:
     if not config.mask_token < vocab:
         raise ValueError(f"mask_token {config.mask_token} is not a token of the model's "
                          f"vocabulary of {vocab}")
+
+
+def _check_causal_model(model) -> None:
+    """Stateful next-token training needs every layer causal: a prefix layer only when its
+    default prefix is 0 (then it reads causally)."""
+    prefixes = {getattr(m, "prefix_length", None) for m in model.modules()
+                if getattr(m, "causal_after_prefix", False) and not getattr(m, "causal", True)}
+    prefixes.discard(0)
+    if prefixes:
+        raise ValueError(
+            f"the model's layers read a prefix of {sorted(prefixes)} tokens non-causally, so "
+            "plain next-token training would let positions see their targets: train with "
+            "prefix_length > 0 (--prefix-length, the JRT objective), or give the layer "
+            "prefix_length=0 (--layer-opt prefix_length=0) to train it causally")
 
 
 def _save(ctx: Distributed, out: Path, model, config: TrainConfig, step: int, optimizer,
