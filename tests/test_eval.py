@@ -52,7 +52,7 @@ def test_suites_are_well_formed():
     full = {c.cell_id(): c for c in suite_cells("default", budget="full")}
     assert set(small) < set(full)  # full adds the trained Stuffed-Mamba mitigation
     s5 = next(c for c in small.values() if c.task.startswith("s5"))
-    assert dict(s5.overrides)["steps"] == 2500 and dict(full[s5.cell_id()].overrides)["steps"] == 5000
+    assert dict(s5.overrides)["steps"] == 4000 and dict(full[s5.cell_id()].overrides)["steps"] == 8000
     with pytest.raises(ValueError, match="unknown suite"):
         suite_cells("nope")
     cells = grid_cells(["parity", "copy"], ["lstm", "gru"])
