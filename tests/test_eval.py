@@ -50,7 +50,7 @@ def test_suites_are_well_formed():
             assert cells and len({c.cell_id() for c in cells}) == len(cells)
     small = {c.cell_id(): c for c in suite_cells("default", budget="small")}
     full = {c.cell_id(): c for c in suite_cells("default", budget="full")}
-    assert set(small) < set(full)  # full adds the trained Stuffed-Mamba mitigation
+    assert set(small) == set(full)  # the same cells, sized differently
     s5 = next(c for c in small.values() if c.task.startswith("s5"))
     assert dict(s5.overrides)["steps"] == 4000 and dict(full[s5.cell_id()].overrides)["steps"] == 8000
     with pytest.raises(ValueError, match="unknown suite"):
