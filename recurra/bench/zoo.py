@@ -406,5 +406,7 @@ def _verdict(rows, mem_records, args, fla_ok) -> str:
         lines.append("- fla comparison: **not run** (skipped or fla unavailable)")
     lines += step_memory_verdicts(mem_records)
     if args.lock:
-        lines.append(f"\nTimed holding `{args.lock}` (flock) around each layer's measurements.")
+        lines.append(f"\nTimed holding `{args.lock}` (flock) around each pass's timing (the "
+                     "untimed equality check runs outside it), the fla section and each "
+                     "layer's step-memory measurement.")
     return "\n".join(lines)
