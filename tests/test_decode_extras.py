@@ -44,7 +44,7 @@ def test_best_first_template_and_token_recycling_fill():
     t = TreeTemplate.best_first(6, rank_acceptance=(0.5, 0.2), max_depth=3)
     assert t.paths == [(), (0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
     assert t.parents == [-1, 0, 0, 1, 1, 3]
-    tr = TokenRecycling(k=2, template=t)
+    tr = TokenRecycling(k=2, template=t, adaptive=False)
     tr.start([], 10)
     tr.matrix[3] = [4, 5]
     tr.matrix[4] = [6, 7]
@@ -155,7 +155,7 @@ def test_jrt_prompt():
 
 def test_token_recycling_grafts_lookup_chain():
     t = TreeTemplate.best_first(3, rank_acceptance=(0.5, 0.2), max_depth=3)
-    tr = TokenRecycling(k=2, template=t, lookup=3)
+    tr = TokenRecycling(k=2, template=t, lookup=3, adaptive=False)
     history = [5, 6, 7, 8, 9, 1, 5, 6]
     tr.start(history, 10)
     tr.matrix[6] = [7, 2]

@@ -61,18 +61,26 @@ CPU_2CORE_SMOLLM2 = VerifyCost({1: 1.00, 2: 1.61, 3: 1.99, 4: 1.60, 8: 1.62, 11:
 @torch.no_grad()
 def measure(adapter, context: Sequence[int], sizes: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16,
                                                                      24, 32),
-            repeats: int = 5) -> VerifyCost:
-    """Time ``verify`` of chains of each size after a prefill of ``context`` (medians)."""
-    from .tree import DraftTree
+            repeats: int = 5, tree: bool = False) -> VerifyCost:
+    """Time ``verify`` of each size after a prefill of ``context`` (medians over ``repeats``
+    rounds, sizes interleaved within a round). ``tree=False`` verifies chains (prompt lookup's
+    shape), ``tree=True`` best-first trees (Token Recycling's shape: tree attention mask)."""
+    from .tree import DraftTree, TreeTemplate
 
+    context = list(context)
+    if len(context) < max(sizes) + 1:
+        raise ValueError(f"context must hold at least max(sizes) + 1 = {max(sizes) + 1} tokens")
     session = adapter.new_session()
-    session.append(torch.tensor([list(context)], device=adapter.device), logits_to_keep=1)
+    session.append(torch.tensor([context], device=adapter.device), logits_to_keep=1)
+    drafts = {}
+    for k in sizes:
+        parents = TreeTemplate.best_first(k).parents if tree else list(range(-1, k - 1))
+        drafts[k] = DraftTree([context[-1]] + context[:k - 1], parents)
     times = {k: [] for k in sizes}
     for _ in range(repeats + 1):
         for k in sizes:
-            tree = DraftTree.chain(context[-1], list(context[:k - 1]))
             start = time.perf_counter()
-            session.verify(tree)
+            session.verify(drafts[k])
             times[k].append(time.perf_counter() - start)
             session.commit([])
     med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}

@@ -34,9 +34,15 @@ class Drafter:
     """Proposes draft trees. Subclasses override :meth:`draft` and optionally the hooks."""
 
     name = "drafter"
+    #: True: the prefill computes the logits of every prompt position and :meth:`prime` gets them
+    wants_prompt_logits = False
 
     def start(self, prompt: Sequence[int], vocab_size: int) -> None:
         """Called once per generate call with the prompt."""
+
+    def prime(self, prompt: Sequence[int], logits: torch.Tensor) -> None:
+        """Called after :meth:`start` with the raw logits (len(prompt) - 1, V) of the prefill
+        (row i follows ``prompt[:i + 1]``) when :attr:`wants_prompt_logits`."""
 
     def draft(self, history: list[int], max_depth: int) -> DraftTree:
         """A tree rooted at ``history[-1]`` (depth <= ``max_depth`` is all that can be used)."""
@@ -58,10 +64,16 @@ def speculative_decode(session: DecodeSession, prompt: Sequence[int], drafter: D
     history = [int(t) for t in prompt]
     eos = {int(e) for e in eos_token_ids}
     t0 = time.perf_counter()
+    want = drafter.wants_prompt_logits
+    prompt_logits = None
     if len(history) > 1:
-        session.append(torch.tensor([history[:-1]], device=_device(session)), logits_to_keep=1)
-    stats.prefill_seconds += time.perf_counter() - t0
+        out = session.append(torch.tensor([history[:-1]], device=_device(session)),
+                             logits_to_keep=0 if want else 1)
+        prompt_logits = out[0] if want else None
     drafter.start(history, vocab_size)
+    if prompt_logits is not None:
+        drafter.prime(history, prompt_logits)
+    stats.prefill_seconds += time.perf_counter() - t0
     produced = 0
     while produced < max_new_tokens:
         budget = max_new_tokens - produced

@@ -97,11 +97,20 @@ class DraftTree:
 
 
 # --------------------------------------------------------------------- static templates
+#: default probability that the rank-r successor is right (per level, independently)
+RANK_ACCEPTANCE = (0.55, 0.14, 0.07, 0.045, 0.03, 0.022, 0.017, 0.013)
+
+
 @dataclass
 class TreeTemplate:
-    """A static tree of rank paths in BFS order (index 0 = the root, path ``()``)."""
+    """A static tree of rank paths in BFS order (index 0 = the root, path ``()``).
+
+    ``rank_acceptance[r]`` is the prior probability that a rank-r successor is right; a node's
+    ``prior`` (its probability of being accepted) is the product along its path (ranks beyond
+    the tuple: 0)."""
 
     paths: list[tuple[int, ...]]
+    rank_acceptance: Sequence[float] = RANK_ACCEPTANCE
 
     def __post_init__(self):
         if not self.paths or self.paths[0] != ():
@@ -119,14 +128,21 @@ class TreeTemplate:
         #: node indices per level (level 0 = [0]); a level's parents all sit in earlier levels
         self.levels = [[i for i, d in enumerate(self.depth) if d == level]
                        for level in range(max(self.depth) + 1)]
+        self.children: list[list[int]] = [[] for _ in self.paths]
+        for i, p in enumerate(self.parents[1:], 1):
+            self.children[p].append(i)
+        acc = list(self.rank_acceptance)
+        self.prior = [1.0] * len(self.paths)
+        for i in range(1, len(self.paths)):
+            r = self.ranks[i]
+            self.prior[i] = self.prior[self.parents[i]] * (acc[r] if r < len(acc) else 0.0)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     @classmethod
-    def best_first(cls, size: int, rank_acceptance: Sequence[float] = (
-            0.55, 0.14, 0.07, 0.045, 0.03, 0.022, 0.017, 0.013), max_depth: int = 8
-    ) -> TreeTemplate:
+    def best_first(cls, size: int, rank_acceptance: Sequence[float] = RANK_ACCEPTANCE,
+                   max_depth: int = 8) -> TreeTemplate:
         """The ``size``-node tree (root included) with the largest expected accepted length when
         the rank-r successor is right with probability ``rank_acceptance[r]`` independently per
         level: keeps the ``size - 1`` rank paths of highest probability (a product along the
@@ -145,4 +161,4 @@ class TreeTemplate:
                 for r in range(len(probs)):
                     heapq.heappush(heap, (neg * probs[r], path + (r,)))
         paths = sorted((p for _, p in chosen), key=lambda p: (len(p), p))
-        return cls(paths)
+        return cls(paths, tuple(probs))
