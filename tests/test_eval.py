@@ -188,6 +188,28 @@ def test_test_time_options_reuse_the_trained_weights(tmp_path):
     assert first["status"] == second["status"] == "ok", (first.get("error"), second.get("error"))
     assert "reused_training" not in first and second["reused_training"]
     assert first["loss_curve"] == second["loss_curve"]
+    # --no-resume retrains: the weights of the earlier run are not reused
+    again = run_cells(cells[:1], budget, str(tmp_path), resume=False, progress=False)[0]
+    assert again["status"] == "ok" and "reused_training" not in again
+    assert again["loss_curve"] == first["loss_curve"]  # and training is deterministic
+
+
+def test_warm_start_trains_at_the_short_length_first(monkeypatch):
+    from recurra.evaluation import training
+    from recurra.tasks.passkey import PasskeyTask
+
+    seen = []
+    original = PasskeyTask.sample
+
+    def spy(self, n, length, **kw):
+        seen.append(length)
+        return original(self, n, length, **kw)
+
+    monkeypatch.setattr(PasskeyTask, "sample", spy)
+    budget = replace(BUDGETS["smoke"], steps=5, batch_size=2, warm_start_steps=3,
+                     warm_start_length=55)
+    training.train_model(CellSpec("passkey", "gru", 60, (60,)), budget)
+    assert seen == [55, 55, 55, 60, 60]
 
 
 def test_cli_writes_results_and_records_a_missing_layer(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 Trained weights are kept under ``OUT/models/`` so cells that differ only in test-time options
 train once. Each finished cell is written at once to ``OUT/cells/<cell id>.json`` (atomically) together with
 the hash of its configuration. A later run with the same output folder skips every cell whose file
-holds ``status: ok`` for the same configuration, and recomputes failed, missing or changed ones.
+holds ``status: ok`` for the same configuration, and recomputes failed, missing or changed ones;
+``resume=False`` recomputes every cell and also deletes the trained weights of earlier runs.
 A cell that raises (an unknown or broken layer, a NaN loss, ...) is recorded as
 ``status: failed`` with the error, and the run goes on. After the grid, the report (JSON,
 markdown, PNG plots) is rebuilt from all cell files of the grid.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -61,6 +63,8 @@ def run_cells(cells: Sequence[CellSpec], budget: Budget, out_dir: str, resume: b
     ids = [c.cell_id() for c in cells]
     if len(set(ids)) != len(ids):
         raise ValueError("cells must be distinct (same task, model spec and training length given twice)")
+    if not resume:  # recompute everything: trained weights of earlier runs are not reused either
+        shutil.rmtree(os.path.join(out_dir, "models"), ignore_errors=True)
     results: list[dict[str, Any]] = []
     bar = None
     if progress:

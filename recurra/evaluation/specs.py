@@ -45,6 +45,10 @@ class Budget:
     #: (deterministic: it depends on the losses only); 0 = never
     early_stop_loss: float = 0.005
     patience: int = 20
+    #: continual training: the first ``warm_start_steps`` steps train at ``warm_start_length``
+    #: (a shorter length the task is easy at), the rest at the cell's training length; 0 = off
+    warm_start_steps: int = 0
+    warm_start_length: int = 0
 
 
 BUDGETS = {
@@ -100,7 +104,8 @@ def parse_model_spec(spec: str) -> ModelSpec:
 
 
 #: budget fields a cell may override (``CellSpec.overrides``)
-OVERRIDABLE = ("steps", "lr", "batch_size", "max_train_seconds", "warmup", "n_test")
+OVERRIDABLE = ("steps", "lr", "batch_size", "max_train_seconds", "warmup", "n_test",
+               "warm_start_steps", "warm_start_length")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ a safety net on a loaded machine, after ``Budget.max_train_seconds`` (the cell i
 ``time_capped`` and is no longer exactly reproducible). Otherwise it is deterministic given the
 cell's seed: parameters are initialised under
 ``torch.manual_seed``, batch b is ``task.sample(batch_size, L_b, seed=seed * 1_000_003 + b)``
-with L_b drawn from ``task.train_lengths(train_length)`` by a seeded generator, and the test set
+with L_b drawn from ``task.train_lengths(train_length)`` by a seeded generator (for the first
+``Budget.warm_start_steps`` steps from ``task.train_lengths(Budget.warm_start_length)``: continual
+training from a shorter length, with early stopping only after that phase), and the test set
 of each length is ``task.sample(n_test, L, seed=seed, split="test")``.
 """
 
@@ -88,6 +90,9 @@ def train_model(cell: CellSpec, budget: Budget,
     model = build_cell_model(spec, task.vocab_size, budget, tie_weights=task.tie_weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr=budget.lr, weight_decay=0.01)
     lengths = task.train_lengths(cell.train_length)
+    if budget.warm_start_steps:  # continual training: first at the short length, then at ours
+        task.check_length(budget.warm_start_length)
+        short_lengths = task.train_lengths(budget.warm_start_length)
     length_rng = np.random.default_rng(cell.seed)
     losses: list[float] = []
     start = time.perf_counter()
@@ -97,7 +102,8 @@ def train_model(cell: CellSpec, budget: Budget,
         if budget.max_train_seconds and time.perf_counter() - start > budget.max_train_seconds:
             time_capped = True
             break
-        length = int(lengths[length_rng.integers(len(lengths))])
+        phase = short_lengths if step < budget.warm_start_steps else lengths
+        length = int(phase[length_rng.integers(len(phase))])
         batch = task.sample(budget.batch_size, length, seed=cell.seed * 1_000_003 + step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, budget)
@@ -113,7 +119,7 @@ def train_model(cell: CellSpec, budget: Budget,
         losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
-        if (budget.early_stop_loss and len(losses) >= budget.patience
+        if (budget.early_stop_loss and len(losses) >= budget.warm_start_steps + budget.patience
                 and float(np.mean(losses[-budget.patience:])) < budget.early_stop_loss):
             break
     record = {
