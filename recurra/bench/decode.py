@@ -59,6 +59,9 @@ def add_arguments(p) -> None:
     p.add_argument("--prompts-per-kind", type=int, default=3)
     p.add_argument("--tr-size", type=int, default=None,
                    help="Token Recycling template size (default: the engine's default)")
+    p.add_argument("--cost", choices=("measured", "table"), default="measured",
+                   help="verify-cost table for the drafters and tree padding: measured on this "
+                        "machine before the runs (default) or the built-in CPU_2CORE_SMOLLM2")
     p.add_argument("--beam-prompts", type=int, default=3,
                    help="prompts (one per kind first) for the beam-search comparison; 0 = skip")
     p.add_argument("--beam-new-tokens", type=int, default=48)
@@ -119,10 +122,20 @@ def _smollm2_methods(args, log):
 
     model, tokenizer = load_smollm2()
     eos = tokenizer.eos_token_id
-    adapter = HFAdapter(model, verify_sizes=CPU_2CORE_SMOLLM2.padded_sizes())
     plain = HFAdapter(model)
+    cost = CPU_2CORE_SMOLLM2
+    if args.cost == "measured":
+        from recurra.decode.cost_model import measure
+
+        context = _ids(tokenizer, REWRITE_TEXTS[0], chat=False)[0].tolist()[:120] * 2
+        cost = measure(plain, context[:200], sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+                       repeats=7, tree=True)
+        log("[smollm2] measured verify cost (tree, 200-token cache, relative to k=1): "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in cost.table.items()))
+    args.cost_table = cost.table
+    adapter = HFAdapter(model, verify_sizes=cost.padded_sizes())
     n = args.max_new_tokens
-    tr_opts = {"template_size": args.tr_size} if args.tr_size else None
+    tr_opts = {"cost": cost, **({"template_size": args.tr_size} if args.tr_size else {})}
 
     def ours(spec, opts=None, ad=adapter):
         def fn(ids, tokens=n):
@@ -144,10 +157,10 @@ def _smollm2_methods(args, log):
         "greedy (ours)": ours(None, ad=plain),
         "greedy (transformers)": hf(),
         "prompt lookup (transformers)": hf(prompt_lookup_num_tokens=10),
-        "prompt lookup (ours)": ours("prompt_lookup"),
+        "prompt lookup (ours)": ours("prompt_lookup", {"cost": cost}),
         "token recycling": ours("token_recycling", tr_opts),
-        "token recycling + lookup": ours("token_recycling", {**(tr_opts or {}), "lookup": 8}),
-        "aded": ours("aded"),
+        "token recycling + lookup": ours("token_recycling", {**tr_opts, "lookup": 8}),
+        "aded": ours("aded", {"cost": cost}),
     }
     prompts = [(kind, _ids(tokenizer, text, chat=True)) for kind in args.kinds.split(",")
                for text in PROMPTS[kind][:args.prompts_per_kind]]
@@ -195,9 +208,20 @@ def _recurrent_methods(args, log):
     tokenizer = ByteTokenizer()
     n = args.max_new_tokens
 
+    opts = None
+    if args.cost == "measured":  # a recurrent verifier's cost grows with the tree's depth
+        from recurra.decode.cost_model import measure
+        from recurra.decode.protocol import as_adapter
+
+        cost = measure(as_adapter(model), tokenizer.encode(REWRITE_TEXTS[0])[:200],
+                       sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), repeats=5, tree=True)
+        log("[recurrent] measured verify cost (tree, relative to k=1): "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in cost.table.items()))
+        opts = {"cost": cost}
+
     def ours(spec):
         def fn(ids, tokens=n):
-            out = generate(model, ids, tokens, speculative=spec)
+            out = generate(model, ids, tokens, speculative=spec, speculative_options=opts)
             return out.tokens[0].tolist(), out.stats.mean_accepted
         return fn
 
