@@ -28,7 +28,7 @@ CONFIGS = [
 @pytest.mark.parametrize("name", ["lstm", "gru", "elman", "slstm"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in
                                                                       c.items()) or "default")
-@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("backend", ["compiled", "fused", "reference"])
 def test_layer_contract(name, config, backend):
     torch.manual_seed(0)
     options = dict(config)
@@ -60,7 +60,7 @@ TORCH = {"lstm": nn.LSTM, "gru": nn.GRU, "elman": nn.RNN}
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "elman", "elman-relu"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-@pytest.mark.parametrize("backend", ["native", "fused", "reference"])
+@pytest.mark.parametrize("backend", ["native", "compiled", "fused", "reference"])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_torch_parity(name, dtype, tol, backend, batch_first):
     torch.manual_seed(1)
@@ -106,7 +106,7 @@ def test_lengths_match_torch_packed_sequences(kind):
     y_ref, st_ref = ref(packed)
     y_ref, _ = nn.utils.rnn.pad_packed_sequence(y_ref, batch_first=True, total_length=6)
     st_ref = st_ref if kind == "lstm" else (st_ref,)
-    for backend in ["native", "fused"]:
+    for backend in ["native", "compiled", "fused"]:
         y, st = L.from_torch(ref, backend=backend)(x, lengths=lengths)
         torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
         for a, b in zip(st, st_ref):
@@ -168,7 +168,8 @@ def test_slstm_reference_matches_scalar_loop():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "elman", "slstm"])
-def test_fused_backward_gradcheck(cell):
+@pytest.mark.parametrize("backend", ["compiled", "fused"])
+def test_hand_written_backward_gradcheck(cell, backend):
     torch.manual_seed(5)
     G, S = {"lstm": (4, 2), "gru": (3, 1), "elman": (1, 1), "slstm": (4, 4)}[cell]
     T, N, B, dh = 4, 2, 2, 3
@@ -182,22 +183,69 @@ def test_fused_backward_gradcheck(cell):
 
     def fn(wx, r, bhn, *st):
         return recurrence(cell, wx, r, st, bias_hn=bhn if cell == "gru" else None,
-                          backend="fused")
+                          backend=backend)
 
     assert torch.autograd.gradcheck(fn, (wx, r, bhn, *st))
 
 
 def test_backends_agree_in_float32_on_a_long_sequence():
     torch.manual_seed(6)
-    for name in ["lstm", "gru", "elman"]:
-        layer = L.build(name, 16)
-        x = torch.randn(2, 300, 16)
-        outs = {}
-        for backend in ["native", "fused", "reference"]:
+    # 16 features in 4 heads multiply heads in the C++ loop, 80 in 2 heads through batched BLAS
+    cases = [("lstm", 1, 16), ("gru", 1, 16), ("elman", 1, 16), ("lstm", 4, 16),
+             ("slstm", 4, 16), ("gru", 2, 80), ("slstm", 2, 80), ("elman", 2, 80)]
+    for name, heads, d in cases:
+        layer = L.build(name, d, num_heads=heads)
+        x = torch.randn(2, 300, d, requires_grad=True)
+        outs, grads = {}, {}
+        backends = ["compiled", "fused", "reference"] + (["native"] if heads == 1 else [])
+        for backend in backends:
             layer.backend = backend
-            outs[backend] = layer(x)[0]
-        torch.testing.assert_close(outs["fused"], outs["reference"], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(outs["native"], outs["reference"], atol=1e-5, rtol=1e-5)
+            y = layer(x)[0]
+            outs[backend] = y
+            grads[backend] = torch.autograd.grad((y * y.detach().cos()).sum(), x)[0]
+        for backend in backends[:-1] if heads == 1 else backends[:2]:
+            torch.testing.assert_close(outs[backend], outs["reference"], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(grads[backend], grads["reference"], atol=1e-5,
+                                       rtol=1e-4)
+        if heads == 1:
+            torch.testing.assert_close(outs["native"], outs["reference"], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_backend_is_compiled_on_the_cpu():
+    assert L.build("gru", 8).resolved_backend() == "compiled"
+    assert L.build("slstm", 8).resolved_backend() == "compiled"
+    assert L.build("lstm", 8, num_heads=2).resolved_backend() == "compiled"
+    assert L.build("lstm", 8).resolved_backend() == "native"
+
+
+def test_compiled_build_keeps_the_processes_denormals():
+    # -ffast-math objects linked into a shared library can switch on flush-to-zero for the
+    # whole process; the extension must not
+    from recurra.ops import recurrent_compiled
+
+    recurrent_compiled.load()
+    assert (torch.tensor(1e-40) * 1).item() > 0
+    assert (torch.tensor(1e-310, dtype=torch.float64) * 1).item() > 0
+
+
+def test_auto_backend_warns_and_runs_fused_when_the_compiled_loop_is_unavailable(monkeypatch):
+    from recurra.layers import recurrent_stack
+    from recurra.ops import recurrent_compiled
+
+    monkeypatch.setattr(recurrent_compiled, "_module", None)
+    monkeypatch.setattr(recurrent_compiled, "_error", "no compiler here (test)")
+    monkeypatch.setattr(recurrent_stack, "_compiled_checked", False)
+    torch.manual_seed(8)
+    layer = L.build("gru", 8)
+    x = torch.randn(2, 5, 8)
+    with pytest.warns(recurrent_stack.CompiledBackendWarning, match="no compiler here"):
+        assert layer.resolved_backend() == "fused"
+    y = layer(x)[0]
+    layer.backend = "fused"
+    torch.testing.assert_close(y, layer(x)[0], atol=0, rtol=0)
+    layer.backend = "compiled"
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        layer(x)
 
 
 def test_state_round_trip_continues_the_sequence_exactly():

@@ -10,23 +10,49 @@
   B, H), batch on axis 1 (``state_batch_dim = 1``). LSTM: (h, c); GRU and RNN: (h,); sLSTM:
   (h, c, n, m). A bare tensor is accepted as ``state`` for one-component states;
 - ``backend``: ``"native"`` runs torch's own kernel (oneDNN for LSTM on CPU; ``num_heads=1``
-  only, not sLSTM), ``"fused"`` the loop with a hand-written backward, ``"reference"`` the plain
-  loop with autograd. ``"auto"`` picks native for a single-head LSTM and fused otherwise. The
-  backends compute the same function; an impossible request raises, it never switches silently.
+  only, not sLSTM), ``"compiled"`` the time loop in C++ with a hand-written backward (CPU; built
+  on first use), ``"fused"`` the same loop and backward in Python (any device), ``"reference"``
+  the plain loop with autograd. ``"auto"`` picks native for a single-head LSTM, else compiled on
+  the CPU and fused elsewhere; if the C++ loop cannot be built it warns once
+  (``CompiledBackendWarning``) and runs fused. The backends compute the same function; an
+  impossible request raises, it never switches silently.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import recurrent_compiled
 from ..ops.recurrent_cells import CELLS
 from ..ops.recurrent_fused import recurrence
 from .base import RecurrentLayer, State, reverse_padded, time_mask
 
+BACKENDS = ("auto", "native", "compiled", "fused", "reference")
+
+
+class CompiledBackendWarning(UserWarning):
+    """backend="auto" could not use the compiled C++ loop and runs the fused Python loop."""
+
+
+_compiled_checked = False
+
+
+def _compiled_available() -> bool:
+    global _compiled_checked
+    if recurrent_compiled.available():
+        return True
+    if not _compiled_checked:
+        _compiled_checked = True
+        warnings.warn(
+            f"recurra: {recurrent_compiled.unavailable_reason()}. backend='auto' runs the "
+            "'fused' Python loop instead (the same numbers, slower); pass backend='fused' to "
+            "choose it explicitly.", CompiledBackendWarning, stacklevel=3)
+    return False
 
 
 class StackedRNN(RecurrentLayer):
@@ -61,9 +87,9 @@ class StackedRNN(RecurrentLayer):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        if backend not in ("auto", "native", "fused", "reference"):
+        if backend not in BACKENDS:
             raise ValueError(
-                f"backend must be 'auto', 'native', 'fused' or 'reference', got {backend!r}"
+                f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
             )
         if backend == "native" and (num_heads != 1 or self.cell == "slstm"):
             raise ValueError(
@@ -131,9 +157,17 @@ class StackedRNN(RecurrentLayer):
         return [shape] * self.n_states
 
     def resolved_backend(self) -> str:
+        """The backend that runs: ``backend`` unless it is ``"auto"``, which picks torch's
+        kernel for a single-head LSTM, else the compiled C++ loop on the CPU (with a warning,
+        once, and the fused Python loop when it cannot be built here) and the fused loop on
+        other devices."""
         if self.backend != "auto":
             return self.backend
-        return "native" if self.cell == "lstm" and self.num_heads == 1 else "fused"
+        if self.cell == "lstm" and self.num_heads == 1:
+            return "native"
+        if self.weight_hh_l0.device.type != "cpu":
+            return "fused"
+        return "compiled" if _compiled_available() else "fused"
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, state=None, lengths=None):

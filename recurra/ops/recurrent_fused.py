@@ -8,6 +8,7 @@ precomputed for all steps at once), and the recurrent-weight gradient is one bat
 all steps after the loop. Every step writes into preallocated buffers (``out=``).
 
 ``recurrence(cell, wx, r, state0, ...)`` dispatches on ``backend``:
+- ``"compiled"``: the same two loops in C++ (``recurrent_compiled``);
 - ``"fused"``: the autograd Functions below;
 - ``"reference"``: the plain loop with autograd.
 Both return the same numbers (tests hold them to each other, and to torch.nn).
@@ -20,7 +21,7 @@ from torch.autograd import Function
 
 from .recurrent_cells import CELLS, recurrence_reference
 
-BACKENDS = ("fused", "reference")
+BACKENDS = ("compiled", "fused", "reference")
 
 
 def recurrence(
@@ -41,7 +42,8 @@ def recurrence(
         state0: tuple of (N, B, dh) tensors.
         bias_hn: GRU only, (N, 1, dh): the recurrent bias inside the reset gate.
         nonlinearity: Elman only, "tanh" or "relu".
-        backend: "fused" (hand-written backward) or "reference" (loop + autograd).
+        backend: "compiled" (C++ loops, hand-written backward), "fused" (Python loop,
+            hand-written backward) or "reference" (loop + autograd).
     Returns:
         tuple of (T, N, B, dh) tensors, one per state component (h first).
     """
@@ -59,8 +61,14 @@ def recurrence(
         raise ValueError(f"state0 must hold {n_states} tensors for {cell}, got {len(state0)}")
     if wx.shape[0] == 0:
         return tuple(s.new_zeros((0, *s.shape)) for s in state0)
+    if cell == "elman" and nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     if backend == "reference":
         return recurrence_reference(cell, wx, r, state0, bias_hn, nonlinearity)
+    if backend == "compiled":
+        from . import recurrent_compiled
+
+        return recurrent_compiled.recurrence(cell, wx, r, state0, bias_hn, nonlinearity)
     if cell == "lstm":
         return _LSTM.apply(wx, r, *state0)
     if cell == "gru":
@@ -68,8 +76,6 @@ def recurrence(
             bias_hn = wx.new_zeros(r.shape[0], 1, r.shape[1])
         return (_GRU.apply(wx, r, bias_hn, state0[0]),)
     if cell == "elman":
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         return (_Elman.apply(wx, r, state0[0], nonlinearity == "relu"),)
     return _SLSTM.apply(wx, r, *state0)
 
@@ -108,7 +114,7 @@ def _matmul(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return torch.mm(h[0], r[0]).unsqueeze(0) if r.shape[0] == 1 else torch.bmm(h, r)
 
 
-def _weight_grad(h0: torch.Tensor, hs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def weight_grad(h0: torch.Tensor, hs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """sum_t h_{t-1}^T d_t per head, h_{-1} = h0: (N, dh, K) from two batched matmuls."""
     T, N, B, dh = hs.shape
     out = torch.bmm(h0.transpose(1, 2), d[0])
@@ -175,7 +181,7 @@ class _LSTM(Function):
             dcn = dc_t * f_s[t]
             dhn = _matmul(Dflat[t], rT)
         Dg = D.view(T, N, B, G)
-        return Dg, _weight_grad(h0, hs, Dg), dhn, dcn
+        return Dg, weight_grad(h0, hs, Dg), dhn, dcn
 
 
 class _GRU(Function):
@@ -230,7 +236,7 @@ class _GRU(Function):
         dwx[..., :2, :] = D[..., :2, :]
         dwx[..., 2, :] = D[..., 3, :]
         dwx = dwx.view(T, N, B, 3 * dh)
-        dr = _weight_grad(h0, hs, dhr)
+        dr = weight_grad(h0, hs, dhr)
         dbias = D[..., 2, :].sum((0, 2)).unsqueeze(1)
         return dwx, dr, dbias, dhn
 
@@ -261,7 +267,7 @@ class _Elman(Function):
         for t in range(hs.shape[0] - 1, -1, -1):
             torch.mul(dhs_s[t] + dhn, K_s[t], out=D_s[t])
             dhn = _matmul(D_s[t], rT)
-        return D, _weight_grad(h0, hs, D), dhn, None
+        return D, weight_grad(h0, hs, D), dhn, None
 
 
 class _SLSTM(Function):
@@ -341,4 +347,4 @@ class _SLSTM(Function):
             dmn = dl
             dhn = _matmul(D_t.view(N, B, 4 * dh), rT)
         Dg = D.view(T, N, B, 4 * dh)
-        return Dg, _weight_grad(h0, hs, Dg), dhn, dcn, dnn, dmn
+        return Dg, weight_grad(h0, hs, Dg), dhn, dcn, dnn, dmn

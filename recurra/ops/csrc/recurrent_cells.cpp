@@ -1,0 +1,646 @@
+// The time loops of the classic cells in C++: recurra's "compiled" CPU backend.
+//
+// Same math, layouts and saved tensors as recurra/ops/recurrent_fused.py (read that first; the
+// readable reference is recurra/ops/recurrent_cells.py). Per step: one matmul through ATen (BLAS),
+// then one pass over the (heads, batch, hidden) elements that applies every gate and writes the
+// states. Python's per-op overhead disappears and the pointwise math is one vectorised loop.
+//
+// Layout: a "steps" tensor is (T, N, B, X) with a unit last stride (N heads, B rows); the buffers
+// made here are (T, B, N, X) in memory, returned as (T, N, B, X) views, as in recurrent_fused.
+// The backward functions return the gradients of the gate pre-activations (for wx) and of the
+// initial state; the caller forms the recurrent-weight gradient with one batched matmul.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <new>
+#include <vector>
+
+// a pragma inside AT_DISPATCH's macro argument must be spelled with _Pragma
+#define VECTORIZE _Pragma("omp simd")
+
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+struct Steps {  // (T, N, B, X) with a unit last stride
+  T* p;
+  int64_t st, sn, sb;
+  explicit Steps(const Tensor& x)
+      : p(x.data_ptr<T>()), st(x.stride(0)), sn(x.stride(1)), sb(x.stride(2)) {}
+  T* row(int64_t t, int64_t n, int64_t b) const { return p + t * st + n * sn + b * sb; }
+};
+
+template <typename T>
+struct Heads {  // (N, B, X) with a unit last stride
+  T* p;
+  int64_t sn, sb;
+  explicit Heads(const Tensor& x) : p(x.data_ptr<T>()), sn(x.stride(0)), sb(x.stride(1)) {}
+  T* row(int64_t n, int64_t b) const { return p + n * sn + b * sb; }
+};
+
+template <typename T>
+inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+
+// x[g * dh + d] = the g-th value, for the four gates of an LSTM-type cell
+template <typename T>
+inline void put4(T* x, int64_t dh, int64_t d, T g0, T g1, T g2, T g3) {
+  x[d] = g0;
+  x[dh + d] = g1;
+  x[2 * dh + d] = g2;
+  x[3 * dh + d] = g3;
+}
+
+Tensor unit_last(const Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+// The (T, ...) buffers are large (tens of MB) and a fresh allocation of that size comes from
+// mmap: writing it the first time costs a page fault per 4 KiB, as much as the whole time loop
+// at training sizes. Freed buffers therefore go back to this cache (at most kMaxCached bytes)
+// and the next call asking for the same size reuses one. release_cache() empties it.
+class BlockCache {
+ public:
+  static BlockCache& get() {
+    static BlockCache* cache = new BlockCache();  // never destroyed: tensors may outlive exit
+    return *cache;
+  }
+  void* take(size_t nbytes) {
+    {
+      std::lock_guard<std::mutex> guard(mu_);
+      auto it = free_.find(nbytes);
+      if (it != free_.end()) {
+        void* p = it->second;
+        free_.erase(it);
+        cached_ -= nbytes;
+        return p;
+      }
+    }
+    void* p = nullptr;
+    if (posix_memalign(&p, kAlign, nbytes) != 0) throw std::bad_alloc();
+    return p;
+  }
+  void give(void* p, size_t nbytes) {
+    std::lock_guard<std::mutex> guard(mu_);
+    if (cached_ + nbytes <= kMaxCached) {
+      free_.emplace(nbytes, p);
+      cached_ += nbytes;
+    } else {
+      std::free(p);
+    }
+  }
+  int64_t release() {
+    std::lock_guard<std::mutex> guard(mu_);
+    const int64_t was = static_cast<int64_t>(cached_);
+    for (auto& kv : free_) std::free(kv.second);
+    free_.clear();
+    cached_ = 0;
+    return was;
+  }
+
+ private:
+  static constexpr size_t kAlign = 64;
+  static constexpr size_t kMaxCached = size_t(1) << 30;
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0;
+};
+
+constexpr size_t kCachedFrom = size_t(1) << 20;  // smaller buffers come from at::empty
+
+// An empty (T, N, B, inner) buffer stored (T, B, N, inner).
+Tensor steps_like(const Tensor& wx, int64_t inner, c10::optional<at::ScalarType> dtype = {}) {
+  auto opts = wx.options();
+  if (dtype) opts = opts.dtype(*dtype);
+  const std::vector<int64_t> sizes{wx.size(0), wx.size(2), wx.size(1), inner};
+  const size_t nbytes = static_cast<size_t>(wx.size(0) * wx.size(2) * wx.size(1) * inner) *
+                        c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+  if (nbytes < kCachedFrom) return at::empty(sizes, opts).transpose(1, 2);
+  void* p = BlockCache::get().take(nbytes);
+  auto deleter = [nbytes](void* q) { BlockCache::get().give(q, nbytes); };
+  return at::from_blob(p, sizes, deleter, opts).transpose(1, 2);
+}
+
+int64_t release_cache() { return BlockCache::get().release(); }
+
+// Heads at most this size multiply in the loop below rather than through batched BLAS, whose
+// per-call cost dominates for many small blocks (FlashRNN's 16x16 heads).
+constexpr int64_t kInlineHeadSize = 32;
+
+// out = [add +] a @ b head by head, all (N, ., .) with a and out contiguous: a plain mm for one
+// head, batched BLAS for large heads, a vectorised loop for small ones.
+struct HeadMatmul {
+  bool single, inline_heads;
+  Tensor out, a, b, out0, a0, b0;
+  HeadMatmul(Tensor out_, Tensor a_, Tensor b_)
+      : single(a_.size(0) == 1),
+        inline_heads(!single && std::min(a_.size(2), b_.size(2)) <= kInlineHeadSize),
+        out(out_), a(a_), b(inline_heads ? b_.contiguous() : b_) {
+    if (single) {
+      out0 = out.select(0, 0);
+      a0 = a.select(0, 0);
+      b0 = b.select(0, 0);
+    }
+  }
+  void run(const Tensor* add = nullptr) {
+    if (inline_heads) {
+      AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "head_matmul", [&] { small<scalar_t>(add); });
+    } else if (single) {
+      if (add) at::addmm_out(out0, add->select(0, 0), a0, b0);
+      else at::mm_out(out0, a0, b0);
+    } else {
+      if (add) at::baddbmm_out(out, *add, a, b);
+      else at::bmm_out(out, a, b);
+    }
+  }
+  template <typename T>
+  void small(const Tensor* add) {
+    const int64_t N = a.size(0), B = a.size(1), M = a.size(2), K = b.size(2);
+    const T* ap = a.data_ptr<T>();
+    const T* bp = b.data_ptr<T>();
+    const T* cp = add ? add->data_ptr<T>() : nullptr;
+    T* op = out.data_ptr<T>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t r = 0; r < B; ++r) {
+        T* o = op + (n * B + r) * K;
+        const T* ar = ap + (n * B + r) * M;
+        const T* c = cp ? cp + (n * B + r) * K : nullptr;
+        VECTORIZE
+        for (int64_t k = 0; k < K; ++k) o[k] = c ? c[k] : T(0);
+        for (int64_t m = 0; m < M; ++m) {
+          const T av = ar[m];
+          const T* br = bp + (n * M + m) * K;
+          VECTORIZE
+          for (int64_t k = 0; k < K; ++k) o[k] += av * br[k];
+        }
+      }
+  }
+};
+
+void check_steps(const Tensor& wx, const Tensor& r, int64_t gates) {
+  TORCH_CHECK(wx.dim() == 4 && r.dim() == 3, "wx must be (T, N, B, G*dh) and r (N, dh, G*dh)");
+  TORCH_CHECK(wx.size(3) == gates * r.size(1) && r.size(2) == gates * r.size(1) &&
+                  wx.size(1) == r.size(0),
+              "wx and r do not match");
+  TORCH_CHECK(wx.device().is_cpu(), "the compiled backend runs on the CPU only");
+}
+
+// ------------------------------------------------------------------------------------- Elman
+std::vector<Tensor> elman_forward(Tensor wx, Tensor r, Tensor h0, bool relu) {
+  check_steps(wx, r, 1);
+  wx = unit_last(wx);
+  r = r.contiguous();
+  const int64_t T = wx.size(0), N = wx.size(1), B = wx.size(2), dh = wx.size(3);
+  Tensor hs = steps_like(wx, dh);
+  Tensor hcur = h0.contiguous().clone();
+  Tensor g = at::empty({N, B, dh}, wx.options());
+  HeadMatmul mm(g, hcur, r);
+  AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "elman_forward", [&] {
+    Steps<scalar_t> X(wx), H(hs);
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* hc = hcur.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      mm.run();
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* x = X.row(t, n, b);
+          const scalar_t* gg = gp + (n * B + b) * dh;
+          scalar_t* h = H.row(t, n, b);
+          scalar_t* c = hc + (n * B + b) * dh;
+          if (relu) {
+VECTORIZE
+            for (int64_t d = 0; d < dh; ++d) {
+              scalar_t v = x[d] + gg[d];
+              v = v > 0 ? v : scalar_t(0);
+              h[d] = v;
+              c[d] = v;
+            }
+          } else {
+VECTORIZE
+            for (int64_t d = 0; d < dh; ++d) {
+              scalar_t v = std::tanh(x[d] + gg[d]);
+              h[d] = v;
+              c[d] = v;
+            }
+          }
+        }
+    }
+  });
+  return {hs};
+}
+
+// returns (D = d pre-activations (T, N, B, dh), d h0)
+std::vector<Tensor> elman_backward(Tensor dhs, Tensor r, Tensor hs, bool relu) {
+  dhs = unit_last(dhs);
+  const int64_t T = hs.size(0), N = hs.size(1), B = hs.size(2), dh = hs.size(3);
+  Tensor D = steps_like(hs, dh);
+  Tensor dcur = at::empty({N, B, dh}, hs.options());
+  Tensor dhn = at::zeros({N, B, dh}, hs.options());
+  Tensor rT = r.transpose(1, 2);
+  HeadMatmul mm(dhn, dcur, rT);
+  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "elman_backward", [&] {
+    Steps<scalar_t> H(hs), DH(dhs), Dv(D);
+    scalar_t* dc = dcur.data_ptr<scalar_t>();
+    const scalar_t* dn = dhn.data_ptr<scalar_t>();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t o = (n * B + b) * dh;
+          const scalar_t* h = H.row(t, n, b);
+          const scalar_t* gin = DH.row(t, n, b);
+          scalar_t* out = Dv.row(t, n, b);
+VECTORIZE
+          for (int64_t d = 0; d < dh; ++d) {
+            scalar_t k = relu ? (h[d] > 0 ? scalar_t(1) : scalar_t(0)) : scalar_t(1) - h[d] * h[d];
+            scalar_t v = (gin[d] + dn[o + d]) * k;
+            out[d] = v;
+            dc[o + d] = v;
+          }
+        }
+      mm.run();
+    }
+  });
+  return {D, dhn};
+}
+
+// --------------------------------------------------------------------------------------- GRU
+// returns (hs, rz, ns, hrn): rz the activated reset and update gates, ns the candidate,
+// hrn = R_n h + b_hn (the reset gate's argument)
+std::vector<Tensor> gru_forward(Tensor wx, Tensor r, Tensor bias_hn, Tensor h0) {
+  check_steps(wx, r, 3);
+  wx = unit_last(wx);
+  r = r.contiguous();
+  bias_hn = bias_hn.contiguous();
+  const int64_t T = wx.size(0), N = wx.size(1), B = wx.size(2), dh = wx.size(3) / 3;
+  const int64_t G = 3 * dh;
+  Tensor hs = steps_like(wx, dh), rz = steps_like(wx, 2 * dh), ns = steps_like(wx, dh),
+         hrn = steps_like(wx, dh);
+  Tensor hcur = h0.contiguous().clone();
+  Tensor g = at::empty({N, B, G}, wx.options());
+  HeadMatmul mm(g, hcur, r);
+  AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "gru_forward", [&] {
+    Steps<scalar_t> X(wx), H(hs), RZ(rz), NS(ns), HRN(hrn);
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* bp = bias_hn.data_ptr<scalar_t>();
+    scalar_t* hc = hcur.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      mm.run();
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* x = X.row(t, n, b);
+          const scalar_t* gg = gp + (n * B + b) * G;
+          const scalar_t* bias = bp + n * dh;
+          scalar_t* c = hc + (n * B + b) * dh;
+          scalar_t* h = H.row(t, n, b);
+          scalar_t* rzr = RZ.row(t, n, b);
+          scalar_t* nr = NS.row(t, n, b);
+          scalar_t* hnr = HRN.row(t, n, b);
+VECTORIZE
+          for (int64_t d = 0; d < dh; ++d) {
+            scalar_t rg = sigmoid(x[d] + gg[d]);
+            scalar_t zg = sigmoid(x[dh + d] + gg[dh + d]);
+            scalar_t hn = gg[2 * dh + d] + bias[d];
+            scalar_t nn = std::tanh(x[2 * dh + d] + rg * hn);
+            scalar_t hv = nn + zg * (c[d] - nn);
+            rzr[d] = rg;
+            rzr[dh + d] = zg;
+            hnr[d] = hn;
+            nr[d] = nn;
+            h[d] = hv;
+            c[d] = hv;
+          }
+        }
+    }
+  });
+  return {hs, rz, ns, hrn};
+}
+
+// returns (dwx = d(wx) (T, N, B, 3dh), dhn = d(R_n h + b_hn) (T, N, B, dh), d h0); the
+// gradient of R h + (0, 0, b_hn) is (dwx's r and z parts, dhn)
+std::vector<Tensor> gru_backward(Tensor dhs, Tensor r, Tensor h0, Tensor hs, Tensor rz,
+                                 Tensor ns, Tensor hrn) {
+  dhs = unit_last(dhs);
+  h0 = unit_last(h0);
+  const int64_t T = hs.size(0), N = hs.size(1), B = hs.size(2), dh = hs.size(3);
+  const int64_t G = 3 * dh;
+  Tensor dwx = steps_like(hs, G), dhnr = steps_like(hs, dh);
+  Tensor dcur = at::empty({N, B, G}, hs.options());
+  Tensor dhz = at::empty({N, B, dh}, hs.options());
+  Tensor dhn = at::zeros({N, B, dh}, hs.options());
+  HeadMatmul mm(dhn, dcur, r.transpose(1, 2));
+  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "gru_backward", [&] {
+    Steps<scalar_t> H(hs), DH(dhs), RZ(rz), NS(ns), HRN(hrn), DWX(dwx), DHNR(dhnr);
+    Heads<scalar_t> H0(h0);
+    scalar_t* dc = dcur.data_ptr<scalar_t>();
+    scalar_t* dz_ = dhz.data_ptr<scalar_t>();
+    const scalar_t* dn = dhn.data_ptr<scalar_t>();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t o = (n * B + b);
+          const scalar_t* gin = DH.row(t, n, b);
+          const scalar_t* hp = t > 0 ? H.row(t - 1, n, b) : H0.row(n, b);
+          const scalar_t* rzr = RZ.row(t, n, b);
+          const scalar_t* nr = NS.row(t, n, b);
+          const scalar_t* hnr = HRN.row(t, n, b);
+          scalar_t* wxr = DWX.row(t, n, b);
+          scalar_t* hnd = DHNR.row(t, n, b);
+          scalar_t* cur = dc + o * G;
+          scalar_t* zz = dz_ + o * dh;
+          const scalar_t* dnn = dn + o * dh;
+          VECTORIZE
+          for (int64_t d = 0; d < dh; ++d) {
+            scalar_t dht = gin[d] + dnn[d];
+            scalar_t rg = rzr[d], zg = rzr[dh + d], nn = nr[d];
+            scalar_t dnpre = (scalar_t(1) - zg) * (scalar_t(1) - nn * nn) * dht;
+            scalar_t dr = dnpre * hnr[d] * rg * (scalar_t(1) - rg);
+            scalar_t dz = (hp[d] - nn) * zg * (scalar_t(1) - zg) * dht;
+            scalar_t dhnv = dnpre * rg;
+            cur[d] = dr;
+            cur[dh + d] = dz;
+            cur[2 * dh + d] = dhnv;
+            wxr[d] = dr;
+            wxr[dh + d] = dz;
+            wxr[2 * dh + d] = dnpre;
+            hnd[d] = dhnv;
+            zz[d] = dht * zg;
+          }
+        }
+      mm.run(&dhz);
+    }
+  });
+  return {dwx, dhnr, dhn};
+}
+
+// -------------------------------------------------------------------------------------- LSTM
+// returns (hs, cs, acts): acts the activated gates (i, f, g, o), (T, N, B, 4dh)
+std::vector<Tensor> lstm_forward(Tensor wx, Tensor r, Tensor h0, Tensor c0) {
+  check_steps(wx, r, 4);
+  wx = unit_last(wx);
+  r = r.contiguous();
+  c0 = unit_last(c0);
+  const int64_t T = wx.size(0), N = wx.size(1), B = wx.size(2), dh = wx.size(3) / 4;
+  const int64_t G = 4 * dh;
+  Tensor hs = steps_like(wx, dh), cs = steps_like(wx, dh), acts = steps_like(wx, G);
+  Tensor hcur = h0.contiguous().clone();
+  Tensor g = at::empty({N, B, G}, wx.options());
+  HeadMatmul mm(g, hcur, r);
+  AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "lstm_forward", [&] {
+    Steps<scalar_t> X(wx), H(hs), C(cs), A(acts);
+    Heads<scalar_t> C0(c0);
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* hc = hcur.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      mm.run();
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* x = X.row(t, n, b);
+          const scalar_t* gg = gp + (n * B + b) * G;
+          const scalar_t* cp = t > 0 ? C.row(t - 1, n, b) : C0.row(n, b);
+          scalar_t* hcr = hc + (n * B + b) * dh;
+          scalar_t* h = H.row(t, n, b);
+          scalar_t* c = C.row(t, n, b);
+          scalar_t* a = A.row(t, n, b);
+VECTORIZE
+          for (int64_t d = 0; d < dh; ++d) {
+            scalar_t ig = sigmoid(x[d] + gg[d]);
+            scalar_t fg = sigmoid(x[dh + d] + gg[dh + d]);
+            scalar_t gv = std::tanh(x[2 * dh + d] + gg[2 * dh + d]);
+            scalar_t og = sigmoid(x[3 * dh + d] + gg[3 * dh + d]);
+            scalar_t cv = fg * cp[d] + ig * gv;
+            scalar_t hv = og * std::tanh(cv);
+            put4(a, dh, d, ig, fg, gv, og);
+            c[d] = cv;
+            h[d] = hv;
+            hcr[d] = hv;
+          }
+        }
+    }
+  });
+  return {hs, cs, acts};
+}
+
+// returns (D = d pre-activations (T, N, B, 4dh), d h0, d c0)
+std::vector<Tensor> lstm_backward(Tensor dhs, Tensor dcs, Tensor r, Tensor c0, Tensor acts,
+                                  Tensor cs) {
+  dhs = unit_last(dhs);
+  dcs = unit_last(dcs);
+  c0 = unit_last(c0);
+  const int64_t T = cs.size(0), N = cs.size(1), B = cs.size(2), dh = cs.size(3);
+  const int64_t G = 4 * dh;
+  Tensor D = steps_like(cs, G);
+  Tensor dcur = at::empty({N, B, G}, cs.options());
+  Tensor dhn = at::zeros({N, B, dh}, cs.options());
+  Tensor dcn = at::zeros({N, B, dh}, cs.options());
+  Tensor rT = r.transpose(1, 2);
+  HeadMatmul mm(dhn, dcur, rT);
+  AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "lstm_backward", [&] {
+    Steps<scalar_t> DH(dhs), DC(dcs), C(cs), A(acts), Dv(D);
+    Heads<scalar_t> C0(c0);
+    scalar_t* dc = dcur.data_ptr<scalar_t>();
+    const scalar_t* dhp = dhn.data_ptr<scalar_t>();
+    scalar_t* dcp = dcn.data_ptr<scalar_t>();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t o = n * B + b;
+          const scalar_t* gh = DH.row(t, n, b);
+          const scalar_t* gc = DC.row(t, n, b);
+          const scalar_t* c = C.row(t, n, b);
+          const scalar_t* cp = t > 0 ? C.row(t - 1, n, b) : C0.row(n, b);
+          const scalar_t* a = A.row(t, n, b);
+          scalar_t* out = Dv.row(t, n, b);
+          scalar_t* cur = dc + o * G;
+          const scalar_t* dhr = dhp + o * dh;
+          scalar_t* dcr = dcp + o * dh;
+VECTORIZE
+          for (int64_t d = 0; d < dh; ++d) {
+            scalar_t ig = a[d], fg = a[dh + d], gv = a[2 * dh + d], og = a[3 * dh + d];
+            scalar_t tc = std::tanh(c[d]);
+            scalar_t dht = gh[d] + dhr[d];
+            scalar_t dct = gc[d] + dcr[d] + dht * og * (scalar_t(1) - tc * tc);
+            scalar_t di = dct * gv * ig * (scalar_t(1) - ig);
+            scalar_t df = dct * cp[d] * fg * (scalar_t(1) - fg);
+            scalar_t dg = dct * ig * (scalar_t(1) - gv * gv);
+            scalar_t dout = dht * tc * og * (scalar_t(1) - og);
+            put4(out, dh, d, di, df, dg, dout);
+            put4(cur, dh, d, di, df, dg, dout);
+            dcr[d] = dct * fg;
+          }
+        }
+      mm.run();
+    }
+  });
+  return {D, dhn, dcn};
+}
+
+// ------------------------------------------------------------------------------------- sLSTM
+// returns (hs, cs, ns, ms, acts (i, f, z, o activated; (T, N, B, 4dh)), sf = sigmoid(-f~),
+// sel = [i~ > log sigmoid(f~) + m])
+std::vector<Tensor> slstm_forward(Tensor wx, Tensor r, Tensor h0, Tensor c0, Tensor n0,
+                                  Tensor m0) {
+  check_steps(wx, r, 4);
+  wx = unit_last(wx);
+  r = r.contiguous();
+  c0 = unit_last(c0);
+  n0 = unit_last(n0);
+  m0 = unit_last(m0);
+  const int64_t T = wx.size(0), N = wx.size(1), B = wx.size(2), dh = wx.size(3) / 4;
+  const int64_t G = 4 * dh;
+  Tensor hs = steps_like(wx, dh), cs = steps_like(wx, dh), ns = steps_like(wx, dh),
+         ms = steps_like(wx, dh), acts = steps_like(wx, G), sf = steps_like(wx, dh),
+         sel = steps_like(wx, dh, at::kBool);
+  Tensor hcur = h0.contiguous().clone();
+  Tensor g = at::empty({N, B, G}, wx.options());
+  HeadMatmul mm(g, hcur, r);
+  AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "slstm_forward", [&] {
+    Steps<scalar_t> X(wx), H(hs), C(cs), NS(ns), M(ms), A(acts), SF(sf);
+    Steps<bool> SEL(sel);
+    Heads<scalar_t> C0(c0), N0(n0), M0(m0);
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* hc = hcur.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      mm.run();
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* x = X.row(t, n, b);
+          const scalar_t* gg = gp + (n * B + b) * G;
+          const scalar_t* cp = t > 0 ? C.row(t - 1, n, b) : C0.row(n, b);
+          const scalar_t* np = t > 0 ? NS.row(t - 1, n, b) : N0.row(n, b);
+          const scalar_t* mp = t > 0 ? M.row(t - 1, n, b) : M0.row(n, b);
+          scalar_t* hcr = hc + (n * B + b) * dh;
+          scalar_t* h = H.row(t, n, b);
+          scalar_t* c = C.row(t, n, b);
+          scalar_t* nr = NS.row(t, n, b);
+          scalar_t* m = M.row(t, n, b);
+          scalar_t* a = A.row(t, n, b);
+          scalar_t* s = SF.row(t, n, b);
+          bool* sl = SEL.row(t, n, b);
+VECTORIZE
+          for (int64_t d = 0; d < dh; ++d) {
+            scalar_t gi = x[d] + gg[d];
+            scalar_t gf = x[dh + d] + gg[dh + d];
+            scalar_t gz = x[2 * dh + d] + gg[2 * dh + d];
+            scalar_t go = x[3 * dh + d] + gg[3 * dh + d];
+            // log sigmoid(f~) + m, written as recurrent_cells.log_sigmoid
+            scalar_t lfm = (gf < 0 ? gf : scalar_t(0)) - std::log1p(std::exp(-std::abs(gf))) + mp[d];
+            bool above = gi > lfm;
+            scalar_t mv = above ? gi : lfm;
+            scalar_t ig = std::exp(gi - mv);
+            scalar_t fg = std::exp(lfm - mv);
+            scalar_t zg = std::tanh(gz);
+            scalar_t og = sigmoid(go);
+            scalar_t cv = fg * cp[d] + ig * zg;
+            scalar_t nv = fg * np[d] + ig;
+            scalar_t hv = og * (cv / nv);
+            s[d] = sigmoid(-gf);
+            sl[d] = above;
+            m[d] = mv;
+            put4(a, dh, d, ig, fg, zg, og);
+            c[d] = cv;
+            nr[d] = nv;
+            h[d] = hv;
+            hcr[d] = hv;
+          }
+        }
+    }
+  });
+  return {hs, cs, ns, ms, acts, sf, sel};
+}
+
+// returns (D = d (i~, f~, z~, o~) (T, N, B, 4dh), d h0, d c0, d n0, d m0)
+std::vector<Tensor> slstm_backward(Tensor dhs, Tensor dcs, Tensor dns, Tensor dms, Tensor r,
+                                   Tensor c0, Tensor n0, Tensor acts, Tensor sf, Tensor sel,
+                                   Tensor hs, Tensor cs, Tensor ns) {
+  dhs = unit_last(dhs);
+  dcs = unit_last(dcs);
+  dns = unit_last(dns);
+  dms = unit_last(dms);
+  c0 = unit_last(c0);
+  n0 = unit_last(n0);
+  const int64_t T = hs.size(0), N = hs.size(1), B = hs.size(2), dh = hs.size(3);
+  const int64_t G = 4 * dh;
+  Tensor D = steps_like(hs, G);
+  Tensor dcur = at::empty({N, B, G}, hs.options());
+  Tensor dhn = at::zeros({N, B, dh}, hs.options());
+  Tensor dcn = at::zeros({N, B, dh}, hs.options());
+  Tensor dnn = at::zeros({N, B, dh}, hs.options());
+  Tensor dmn = at::zeros({N, B, dh}, hs.options());
+  Tensor rT = r.transpose(1, 2);
+  HeadMatmul mm(dhn, dcur, rT);
+  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "slstm_backward", [&] {
+    Steps<scalar_t> DH(dhs), DC(dcs), DN(dns), DM(dms), A(acts), SF(sf), H(hs), C(cs), NS(ns),
+        Dv(D);
+    Steps<bool> SEL(sel);
+    Heads<scalar_t> C0(c0), N0(n0);
+    scalar_t* dc = dcur.data_ptr<scalar_t>();
+    const scalar_t* dhp = dhn.data_ptr<scalar_t>();
+    scalar_t* dcp = dcn.data_ptr<scalar_t>();
+    scalar_t* dnp = dnn.data_ptr<scalar_t>();
+    scalar_t* dmp = dmn.data_ptr<scalar_t>();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t o = n * B + b;
+          const scalar_t* gh = DH.row(t, n, b);
+          const scalar_t* gc = DC.row(t, n, b);
+          const scalar_t* gn = DN.row(t, n, b);
+          const scalar_t* gm = DM.row(t, n, b);
+          const scalar_t* a = A.row(t, n, b);
+          const scalar_t* s = SF.row(t, n, b);
+          const bool* sl = SEL.row(t, n, b);
+          const scalar_t* h = H.row(t, n, b);
+          const scalar_t* c = C.row(t, n, b);
+          const scalar_t* nv = NS.row(t, n, b);
+          const scalar_t* cp = t > 0 ? C.row(t - 1, n, b) : C0.row(n, b);
+          const scalar_t* np = t > 0 ? NS.row(t - 1, n, b) : N0.row(n, b);
+          scalar_t* out = Dv.row(t, n, b);
+          scalar_t* cur = dc + o * G;
+          const scalar_t* dhr = dhp + o * dh;
+          scalar_t* dcr = dcp + o * dh;
+          scalar_t* dnr = dnp + o * dh;
+          scalar_t* dmr = dmp + o * dh;
+VECTORIZE
+          for (int64_t d = 0; d < dh; ++d) {
+            scalar_t ig = a[d], fg = a[dh + d], zg = a[2 * dh + d], og = a[3 * dh + d];
+            scalar_t Hd = gh[d] + dhr[d];
+            scalar_t Cd = gc[d] + dcr[d] + Hd * (og / nv[d]);
+            scalar_t Nd = gn[d] + dnr[d] + Hd * (-h[d] / nv[d]);
+            scalar_t Md = gm[d] + dmr[d];
+            scalar_t dout = Hd * (c[d] / nv[d] * og * (scalar_t(1) - og));
+            scalar_t dz = Cd * (ig * (scalar_t(1) - zg * zg));
+            scalar_t P = (Nd + zg * Cd) * ig;
+            scalar_t Q = (cp[d] * Cd + np[d] * Nd) * fg;
+            // m' = max(i~, l): its gradient M - P - Q goes to the larger argument
+            scalar_t di = sl[d] ? Md - Q : P;
+            scalar_t dl = sl[d] ? Q : Md - P;
+            scalar_t df = dl * s[d];
+            put4(out, dh, d, di, df, dz, dout);
+            put4(cur, dh, d, di, df, dz, dout);
+            dcr[d] = Cd * fg;
+            dnr[d] = Nd * fg;
+            dmr[d] = dl;
+          }
+        }
+      mm.run();
+    }
+  });
+  return {D, dhn, dcn, dnn, dmn};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("release_cache", &release_cache);
+  m.def("elman_forward", &elman_forward);
+  m.def("elman_backward", &elman_backward);
+  m.def("gru_forward", &gru_forward);
+  m.def("gru_backward", &gru_backward);
+  m.def("lstm_forward", &lstm_forward);
+  m.def("lstm_backward", &lstm_backward);
+  m.def("slstm_forward", &slstm_forward);
+  m.def("slstm_backward", &slstm_backward);
+}

@@ -1,0 +1,166 @@
+"""The classic cells' time loops compiled in C++ (``backend="compiled"``).
+
+The same autograd structure as ``recurrent_fused`` (gates stored in the forward, a short backward
+loop, the recurrent-weight gradient as one batched matmul after it), with both time loops in C++
+(``csrc/recurrent_cells.cpp``): per step one BLAS matmul and one vectorised pass over the gates,
+so no Python runs per step. Read ``recurrent_cells.recurrence_reference`` for the math.
+
+The extension is compiled on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler
+and ninja; about a minute, once per machine: the build is cached under
+``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). ``available()`` says whether
+it can serve and ``unavailable_reason()`` why not; ``load()`` raises with that reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch.autograd import Function
+
+from .recurrent_fused import weight_grad
+
+SOURCE = Path(__file__).with_name("csrc") / "recurrent_cells.cpp"
+# -ffast-math lets GCC vectorise exp/tanh/log1p through glibc's vector math library; it is not
+# passed to the linker, so the process's floating-point mode (denormals) is left alone.
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
+
+_module = None
+_error: str | None = None
+
+
+def load():
+    """The compiled extension module, built on first use; RuntimeError with the reason if it
+    cannot be built here."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    if _error is not None:
+        raise RuntimeError(_error)
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        # ninja installed by pip into this interpreter's environment, even when it is not on
+        # PATH (a venv's python run without activating the venv)
+        env_bin = str(Path(sys.executable).parent)
+        if shutil.which("ninja") is None and shutil.which("ninja", path=env_bin):
+            os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")
+        name = "recurra_recurrent_cells"
+        cache = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser(
+            "~/.cache/torch_extensions")
+        if not any(p.name.startswith(name) for p in Path(cache).rglob(f"{name}*.so")):
+            print("recurra: compiling the C++ recurrent kernels (once per machine, ~1 min)",
+                  file=sys.stderr, flush=True)
+        _module = build(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+    except Exception as exc:  # compiler, ninja or headers missing
+        lines = str(exc).strip().splitlines() or [repr(exc)]
+        first_error = next((ln for ln in lines if "error" in ln.lower()), lines[-1])
+        _error = (f"the compiled backend could not be built ({type(exc).__name__}: "
+                  f"{first_error.strip()}); it needs a C++ compiler and ninja (pip install ninja)")
+        raise RuntimeError(_error) from exc
+    return _module
+
+
+def release_cache() -> int:
+    """Free the buffers the compiled loops keep for reuse (the C++ side recycles freed (T, ...)
+    buffers of 1 MiB and more, up to 1 GiB in all, so that the next call of the same shape skips
+    the page faults of fresh memory); returns the bytes freed. Nothing to do if never built."""
+    return _module.release_cache() if _module is not None else 0
+
+
+def available() -> bool:
+    """Whether the compiled backend can serve (builds it on first call)."""
+    try:
+        load()
+    except RuntimeError:
+        return False
+    return True
+
+
+def unavailable_reason() -> str | None:
+    """Why the compiled backend cannot serve, or None if it can (builds it on first call)."""
+    return None if available() else _error
+
+
+def recurrence(cell, wx, r, state0, bias_hn=None, nonlinearity="tanh"):
+    """Same arguments and results as ``recurrent_fused.recurrence`` (already validated there)."""
+    if wx.device.type != "cpu":
+        raise ValueError(f"backend='compiled' runs on the CPU, got wx on {wx.device}")
+    ext = load()
+    if cell == "lstm":
+        return _LSTM.apply(ext, wx, r, *state0)
+    if cell == "gru":
+        if bias_hn is None:
+            bias_hn = wx.new_zeros(r.shape[0], 1, r.shape[1])
+        return (_GRU.apply(ext, wx, r, bias_hn, state0[0]),)
+    if cell == "elman":
+        return (_Elman.apply(ext, wx, r, state0[0], nonlinearity == "relu"),)
+    return _SLSTM.apply(ext, wx, r, *state0)
+
+
+class _Elman(Function):
+    @staticmethod
+    def forward(ctx, ext, wx, r, h0, relu):
+        (hs,) = ext.elman_forward(wx, r, h0, relu)
+        ctx.ext, ctx.relu = ext, relu
+        ctx.save_for_backward(r, h0, hs)
+        return hs
+
+    @staticmethod
+    def backward(ctx, dhs):
+        r, h0, hs = ctx.saved_tensors
+        D, dh0 = ctx.ext.elman_backward(dhs, r, hs, ctx.relu)
+        return None, D, weight_grad(h0, hs, D), dh0, None
+
+
+class _GRU(Function):
+    @staticmethod
+    def forward(ctx, ext, wx, r, bias_hn, h0):
+        hs, rz, ns, hrn = ext.gru_forward(wx, r, bias_hn, h0)
+        ctx.ext = ext
+        ctx.save_for_backward(r, h0, hs, rz, ns, hrn)
+        return hs
+
+    @staticmethod
+    def backward(ctx, dhs):
+        r, h0, hs, rz, ns, hrn = ctx.saved_tensors
+        dwx, dhn, dh0 = ctx.ext.gru_backward(dhs, r, h0, hs, rz, ns, hrn)
+        dh = hs.shape[-1]
+        # d(R h + (0, 0, b_hn)) = (dwx's r and z parts, dhn): two matmuls, no concatenation
+        dr = torch.cat([weight_grad(h0, hs, dwx[..., :2 * dh]), weight_grad(h0, hs, dhn)], -1)
+        return None, dwx, dr, dhn.sum((0, 2)).unsqueeze(1), dh0
+
+
+class _LSTM(Function):
+    @staticmethod
+    def forward(ctx, ext, wx, r, h0, c0):
+        hs, cs, acts = ext.lstm_forward(wx, r, h0, c0)
+        ctx.ext = ext
+        ctx.save_for_backward(r, h0, c0, acts, hs, cs)
+        return hs, cs
+
+    @staticmethod
+    def backward(ctx, dhs, dcs):
+        r, h0, c0, acts, hs, cs = ctx.saved_tensors
+        D, dh0, dc0 = ctx.ext.lstm_backward(dhs, dcs, r, c0, acts, cs)
+        return None, D, weight_grad(h0, hs, D), dh0, dc0
+
+
+class _SLSTM(Function):
+    @staticmethod
+    def forward(ctx, ext, wx, r, h0, c0, n0, m0):
+        hs, cs, ns, ms, acts, sf, sel = ext.slstm_forward(wx, r, h0, c0, n0, m0)
+        ctx.ext = ext
+        ctx.save_for_backward(r, h0, c0, n0, acts, sf, sel, hs, cs, ns)
+        return hs, cs, ns, ms
+
+    @staticmethod
+    def backward(ctx, dhs, dcs, dns, dms):
+        r, h0, c0, n0, acts, sf, sel, hs, cs, ns = ctx.saved_tensors
+        D, dh0, dc0, dn0, dm0 = ctx.ext.slstm_backward(dhs, dcs, dns, dms, r, c0, n0, acts, sf,
+                                                       sel, hs, cs, ns)
+        return None, D, weight_grad(h0, hs, D), dh0, dc0, dn0, dm0
+
