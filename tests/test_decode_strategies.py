@@ -122,6 +122,23 @@ def test_diverse_beam_hamming_penalty_separates_groups(llama):
     assert len({row[0] for row in diverse.tokens.tolist()}) == 4  # each group avoids the others
 
 
+@pytest.mark.parametrize("strategy,kw", [
+    ("beam", {"num_beams": 3, "eos_token_id": 5, "repetition_penalty": 1.3}),
+    ("diverse_beam", {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 0.7,
+                      "length_penalty": 0.5})])
+def test_batched_rows_equal_one_row_at_a_time(llama, strategy, kw):
+    g = torch.Generator().manual_seed(9)
+    ps = torch.randint(3, 23, (3, 6), generator=g)
+    n = kw["num_beams"]
+    batch = generate(llama, ps, 10, strategy=strategy, num_return_sequences=n, **kw)
+    for r in range(3):
+        one = generate(llama, ps[r:r + 1], 10, strategy=strategy, num_return_sequences=n, **kw)
+        width = one.tokens.shape[1]
+        assert batch.tokens[r * n:(r + 1) * n, :width].tolist() == one.tokens.tolist()
+        torch.testing.assert_close(batch.sequences_scores[r * n:(r + 1) * n],
+                                   one.sequences_scores)
+
+
 def test_bad_arguments():
     m = tiny_llama(23)
     p = torch.tensor([[3, 4]])
