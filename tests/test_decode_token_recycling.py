@@ -146,3 +146,17 @@ def test_adaptive_size_shrinks_to_plain_steps_and_never_changes_the_output():
     assert out.tokens[0].tolist() == ref
     assert tr.active_nodes().tolist() == [0]
     assert out.stats.verified_tokens < 2 * out.stats.steps  # it shrank within the call
+
+
+def test_measure_times_chains_and_trees():
+    from recurra.decode.cost_model import measure
+    from recurra.decode.protocol import as_adapter
+
+    adapter = as_adapter(tiny_llama(V))
+    context = [int(t) for t in torch.randint(0, V, (12,), generator=torch.Generator())]
+    for tree in (False, True):
+        cost = measure(adapter, context, sizes=(1, 2, 4), repeats=1, tree=tree)
+        assert list(cost.table) == [1, 2, 4] and cost.table[1] == 1.0
+        assert all(v > 0 for v in cost.table.values())
+    with pytest.raises(ValueError, match="context"):
+        measure(adapter, context[:3], sizes=(1, 8))
