@@ -21,7 +21,8 @@ Our additions, each measured in ``recurra bench decode`` (docs/decoding.md):
   but far more than one, and not monotonically (:mod:`recurra.decode.cost_model`). The template
   keeps the nodes most likely to be accepted (:meth:`TreeTemplate.best_first`, per-node
   acceptance probabilities) and its size maximises expected emitted tokens per unit of verify
-  cost (:func:`choose_size`); :data:`DEFAULT_NODE_ACCEPTANCE` was measured on SmolLM2-135M.
+  cost (:func:`choose_size`). :data:`DEFAULT_NODE_ACCEPTANCE` is only the prior of the live
+  estimates below (not a measurement).
 - **adaptive size** (``adaptive=True``): every step's full template is also scored *in hindsight*
   against the tokens actually emitted next ("would node i have been accepted?"), whatever was
   verified; an exponential moving average of these hits per node gives live acceptance
@@ -41,8 +42,9 @@ from .cost_model import CPU_2CORE_SMOLLM2, VerifyCost
 from .speculative import Drafter
 from .tree import DraftTree, TreeTemplate
 
-#: probability that the rank-r recycled successor is the next token, per level (measured with
-#: a hot matrix on SmolLM2-135M-Instruct; the prior of the per-node estimates)
+#: prior probability that the rank-r recycled successor is the next token, per level (a guess
+#: in line with the mean accepted lengths we saw with a hot matrix on SmolLM2-135M; the adaptive
+#: mode replaces it by live per-node estimates within a few steps)
 DEFAULT_NODE_ACCEPTANCE = (0.42, 0.11, 0.05, 0.03, 0.02, 0.015, 0.01, 0.008)
 #: the largest template the adaptive mode may verify (the cost table's sizes above it are not
 #: worth their cost on the 2-core CPU for any acceptance we measured)
