@@ -35,6 +35,9 @@ class RecurrentLayer(nn.Module):
     state_batch_dim: int = 0
     #: False for layers that see the future (bidirectional, non-causal); ``step`` then raises
     causal: bool = True
+    #: True for layers that read a prefix of each sequence in both directions and are causal
+    #: after it (jrt); RecurrentLM passes them ``prefix_lengths``
+    causal_after_prefix: bool = False
 
     # ----------------------------------------------------------------- subclass interface
     def state_shapes(self, batch_size: int) -> list[tuple[int, ...]]:
