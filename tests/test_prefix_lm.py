@@ -17,12 +17,7 @@ from recurra.train.trainer import train
 V, P, T = 11, 5, 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def jrt_model(seed=0, **kw) -> RecurrentLM:

@@ -12,13 +12,7 @@ from recurra.layers import RecurrentLayer, register
 from recurra.models import RecurrentLM, build_model, model_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared CPU: one thread avoids OpenMP spin-waiting (30x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STAND_IN = "test-tanh-rnn"
 

@@ -9,13 +9,7 @@ from recurra.train.config import TrainConfig
 from recurra.train.trainer import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared CPU: one thread avoids OpenMP spin-waiting (30x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow
