@@ -72,14 +72,20 @@ class RecurrentLayer(nn.Module):
         state: State | None = None,
         lengths: torch.Tensor | Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, State]:
+        state, lengths = self.check_call(x, state, lengths)
+        return self._forward(x, state, lengths)
+
+    def check_call(self, x: torch.Tensor, state: State | None, lengths
+                   ) -> tuple[State, torch.Tensor | None]:
+        """Validate forward's arguments: the state (a fresh one if None) and the lengths (a
+        tensor on x's device, or None)."""
         check_input(x, self.input_size)
         batch, steps = x.shape[0], x.shape[1]
         if state is None:
             state = self.init_state(batch, device=x.device, dtype=x.dtype)
         else:
             state = self.check_state(state, x)
-        lengths = check_lengths(lengths, batch, steps, x.device)
-        return self._forward(x, state, lengths)
+        return state, check_lengths(lengths, batch, steps, x.device)
 
     def step(self, x_t: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """One step: ``x_t`` (B, D) -> ``y_t`` (B, D_out) and the next state."""

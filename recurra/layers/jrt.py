@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import State, check_input, check_lengths
+from .base import State
 from .linear_attention import LinearAttention
 from .registry import register
 
@@ -102,14 +102,8 @@ class PrefixLinearAttention(LinearAttention):
         prefix_lengths: int | torch.Tensor | Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, State]:
         """The layer contract's forward, plus ``prefix_lengths`` (see the module docstring)."""
-        check_input(x, self.input_size)
-        batch, steps = x.shape[0], x.shape[1]
-        if state is None:
-            state = self.init_state(batch, device=x.device, dtype=x.dtype)
-        else:
-            state = self.check_state(state, x)
-        lengths = check_lengths(lengths, batch, steps, x.device)
-        prefix = check_prefix_lengths(prefix_lengths, batch, steps, x.device)
+        state, lengths = self.check_call(x, state, lengths)
+        prefix = check_prefix_lengths(prefix_lengths, x.shape[0], x.shape[1], x.device)
         return self._forward(x, state, lengths, prefix)
 
     def step(self, x_t: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
