@@ -65,6 +65,20 @@ def test_chunked_equals_sequential_equals_quadratic(chunk):
     assert_all_close(run_with_grads(lambda *a: ssd_chunked(*a, chunk_size=chunk), leaves), ref)
 
 
+@pytest.mark.parametrize("chunks_per_slab", [1, 2, 3])
+def test_chunked_in_slabs_equals_sequential(monkeypatch, chunks_per_slab):
+    """The intra-chunk part runs a slab of chunks at a time (sized by SLAB_BYTES); slabs of one
+    chunk, of two and of three (the last one short) give the loop's outputs and gradients."""
+    from recurra.ops import ssd
+
+    b, t, h, p, g, n, q = 2, 23, 4, 3, 2, 5, 5                 # 5 chunks
+    per_chunk = b * g * (h // g) * q * max(q, p, n) * 8
+    monkeypatch.setattr(ssd, "SLAB_BYTES", chunks_per_slab * per_chunk)
+    leaves = [a.requires_grad_() for a in problem(b, t, h, p, g, n)]
+    ref = run_with_grads(ssd_reference, leaves)
+    assert_all_close(run_with_grads(lambda *a: ssd_chunked(*a, chunk_size=q), leaves), ref)
+
+
 def test_split_sequences_with_carried_state_equal_one_pass():
     x, la, B, C, h0 = problem(t=30)
     y, h = ssd_chunked(x, la, B, C, h0, chunk_size=8)

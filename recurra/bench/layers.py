@@ -29,7 +29,10 @@ HEAD_SPLITS = [(1, 256), (4, 64), (16, 16)]
 def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few rounds (a smoke run, not a measurement)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per method")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per method (at least)")
+    parser.add_argument("--min-seconds", type=float, default=3.0,
+                        help="add rounds until each method has run about this long (short "
+                             "configurations get more samples; at most 101 rounds)")
     parser.add_argument("--skip-flashrnn", action="store_true",
                         help="skip the FlashRNN comparison (no install attempted)")
 
@@ -57,8 +60,15 @@ def layer_flops(cell: str, B: int, T: int, I: int, H: int, heads: int, backward:
     return 3 * fwd if backward else fwd
 
 
-def _timed_pair(make_ours, make_theirs, x, backward: bool, rounds: int):
-    """Check both give the same output (and input gradient), then time them interleaved."""
+def _timed_pair(make_ours, make_theirs, x, backward: bool, rounds: int,
+                min_seconds: float = 0.0):
+    """Check both give the same output (and input gradient), then time them interleaved.
+
+    The rounds grow until each method has run about ``min_seconds`` in all (at most 101), so
+    short calls, whose times vary most, get more samples.
+    """
+    import time
+
     import torch
 
     from .harness import assert_same, time_methods
@@ -72,7 +82,10 @@ def _timed_pair(make_ours, make_theirs, x, backward: bool, rounds: int):
         with torch.no_grad():
             return fn(x), None
 
+    start = time.perf_counter()
     ya, ga = run(make_ours)
+    once = time.perf_counter() - start
+    rounds = max(rounds, min(101, int(min_seconds / max(once, 1e-6))))
     for name, their in make_theirs.items():
         yb, gb = run(their)
         assert_same(yb, ya, atol=1e-4, rtol=1e-3, what=f"{name} output")
@@ -113,6 +126,7 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rounds = 2 if args.quick else args.rounds
+    min_s = 0.0 if args.quick else args.min_seconds
     sizes = [(4, 32, 16), (1, 64, 8)] if args.quick else TORCH_SIZES
     splits = [(1, 16), (4, 4)] if args.quick else HEAD_SPLITS
     BH, BB, BT = (16, 4, 32) if args.quick else (256, 16, 512)
@@ -130,8 +144,8 @@ def run(args) -> int:
             label = f"{cell} B{B} T{T} H{H}"
             res = {}
             for backward in (False, True):
-                t = _timed_pair(lambda v: ours(v)[0], {"torch.nn": lambda v: ref(v)[0]}, x,
-                                backward, rounds)
+                t = _timed_pair(lambda v, m=ours: m(v)[0], {"torch.nn": lambda v, m=ref: m(v)[0]}, x,
+                                backward, rounds, min_s)
                 res[backward] = t
             r_f = res[False]["torch.nn"].median_ms / res[False]["recurra"].median_ms
             r_fb = res[True]["torch.nn"].median_ms / res[True]["recurra"].median_ms
@@ -161,7 +175,7 @@ def run(args) -> int:
                 b = (layer.bias_ih_l0 + layer.bias_hh_l0).view(G, heads, dh)
 
                 def theirs(v, backend, w_ih=w_ih, w_hh=w_hh, b=b, heads=heads, dh=dh,
-                           cell=cell):
+                           cell=cell, G=G):
                     wx = (v @ w_ih.T).view(v.shape[0], v.shape[1], G, heads, dh)
                     out, _ = flashrnn(wx, w_hh.view(G, heads, dh, dh), b, function=cell,
                                       backend=backend, dtype="float32")
@@ -171,10 +185,10 @@ def run(args) -> int:
                 res = {}
                 for backward in (False, True):
                     res[backward] = _timed_pair(
-                        lambda v: layer(v)[0],
+                        lambda v, m=layer: m(v)[0],
                         {"flashrnn vanilla": lambda v: theirs(v, "vanilla"),
                          "flashrnn vanilla_fwbw": lambda v: theirs(v, "vanilla_fwbw")},
-                        x, backward, rounds)
+                        x, backward, rounds, min_s)
                 best_f = min(res[False]["flashrnn vanilla"].median_ms,
                              res[False]["flashrnn vanilla_fwbw"].median_ms)
                 best_fb = min(res[True]["flashrnn vanilla"].median_ms,

@@ -112,6 +112,9 @@ def ssd_quadratic(
     return y, final
 
 
+SLAB_BYTES = 2 << 20  # the intra-chunk temporaries of one slab of chunks (fits in L2)
+
+
 def ssd_chunked(
     x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     initial_state: torch.Tensor | None = None, chunk_size: int = 64,
@@ -140,27 +143,37 @@ def ssd_chunked(
     Bc = B.view(b, nc, q, g, n).permute(0, 3, 1, 2, 4)                  # (b,g,nc,q,n)
     Cc = C.view(b, nc, q, g, n).permute(0, 3, 1, 2, 4)
     cum = A.cumsum(-1)                                                  # (b,g,nc,k,q)
-    cum_t = cum.transpose(-1, -2).unsqueeze(-1)                         # (b,g,nc,q,k,1)
-    # 1. inside each chunk: the masked quadratic form, per head
-    L = segsum(A).exp()                                                 # (b,g,nc,k,q,q)
-    scores = (Cc @ Bc.transpose(-1, -2)).unsqueeze(3) * L               # (b,g,nc,k,q,q)
-    y_diag = scores @ X.transpose(3, 4)                                 # (b,g,nc,k,q,p)
-    # 2. each chunk's contribution to the state at its end: (n, k*p) per chunk
+    # 1. each chunk's contribution to the state at its end: (n, k*p) per chunk
     to_end = (cum[..., -1:] - cum).exp().transpose(-1, -2).unsqueeze(-1)   # (b,g,nc,q,k,1)
     Xd = (X * to_end).reshape(b, g, nc, q, per_group * p)
     states = Bc.transpose(-1, -2) @ Xd                                  # (b,g,nc,n,k*p)
     states = states.view(b, g, nc, n, per_group, p)
-    # 3. across chunks (a loop: nc elementwise steps): the state entering each chunk
+    # 2. across chunks (a loop: nc elementwise steps): the state entering each chunk
     chunk_decay = cum[..., -1].exp().view(b, g, nc, 1, per_group, 1)
     carry = h0.view(b, g, per_group, p, n).permute(0, 1, 4, 2, 3)       # (b,g,n,k,p)
     entering = []
     for decay_c, state_c in zip(chunk_decay.unbind(2), states.unbind(2)):  # unbind: one
         entering.append(carry)                                   # backward stack, not nc fills
         carry = decay_c * carry + state_c
-    entering = torch.stack(entering, 2).view(b, g, nc, n, per_group * p)
     final = carry.permute(0, 1, 3, 4, 2)                                # (b,g,k,p,n)
-    # 4. the carried state read out inside each chunk, plus the intra-chunk part
-    y = (Cc @ entering).view(b, g, nc, q, per_group, p) * cum_t.exp()
-    y = y + y_diag.transpose(3, 4)
-    y = y.permute(0, 2, 3, 1, 4, 5).reshape(b, nc * q, h, p)[:, :t]
+    # 3. inside each chunk, the masked quadratic form per head, plus the entering state read
+    # out; a slab of chunks at a time, so that the (q, q) decay and score matrices of a slab
+    # stay in cache instead of being allocated (and page-faulted) for the whole sequence
+    start_decay = cum.transpose(-1, -2).unsqueeze(-1).exp()            # (b,g,nc,q,k,1)
+    per_chunk = b * g * per_group * q * max(q, p, n) * x.element_size()
+    slab = max(1, min(nc, SLAB_BYTES // per_chunk))
+    pieces = []
+    # split, not slicing: the backward of split is one cat, that of each slice a full-size fill
+    slabs = zip(*(v.split(slab, dim=2) for v in (Cc, Bc, X, A, start_decay)))
+    for c0, (Cs, Bs, Xs, As, Ds) in zip(range(0, nc, slab), slabs):
+        S = Cs.shape[2]
+        L = segsum(As).exp()                                            # (b,g,S,k,q,q)
+        scores = (Cs @ Bs.transpose(-1, -2)).unsqueeze(3) * L
+        y_diag = scores @ Xs.transpose(3, 4)                            # (b,g,S,k,q,p)
+        enter = torch.stack(entering[c0:c0 + S], 2).view(b, g, S, n, per_group * p)
+        y_s = (Cs @ enter).view(b, g, S, q, per_group, p) * Ds + y_diag.transpose(3, 4)
+        pieces.append(y_s.permute(0, 2, 3, 1, 4, 5).reshape(b, S * q, h, p))
+    y = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
+    if pad:
+        y = y[:, :t]
     return y, final.reshape(b, h, p, n)
