@@ -212,10 +212,40 @@ def test_backends_agree_in_float32_on_a_long_sequence():
 
 
 def test_auto_backend_is_compiled_on_the_cpu():
+    from recurra.layers.recurrent_stack import NATIVE_LSTM_MIN_WORK
+
     assert L.build("gru", 8).resolved_backend() == "compiled"
     assert L.build("slstm", 8).resolved_backend() == "compiled"
     assert L.build("lstm", 8, num_heads=2).resolved_backend() == "compiled"
-    assert L.build("lstm", 8).resolved_backend() == "native"
+    # single-head LSTM: torch's oneDNN kernel above batch x hidden = 1024, the C++ loop below
+    lstm = L.build("lstm", 64)
+    assert NATIVE_LSTM_MIN_WORK == 1024
+    assert lstm.resolved_backend() == "native"
+    assert lstm.resolved_backend(batch_size=16) == "compiled"
+    assert lstm.resolved_backend(batch_size=17) == "native"
+
+
+def test_auto_lstm_runs_the_backend_it_reports(monkeypatch):
+    """A small batch runs the compiled loop, a large one torch's kernel: spy on both."""
+    from recurra.layers import recurrent_stack
+
+    torch.manual_seed(3)
+    lstm = L.build("lstm", 64)
+    calls = []
+    native = recurrent_stack.StackedRNN._native_forward
+    monkeypatch.setattr(recurrent_stack.StackedRNN, "_native_forward",
+                        lambda self, *a: calls.append("native") or native(self, *a))
+    compiled = recurrent_stack.recurrence
+    monkeypatch.setattr(recurrent_stack, "recurrence",
+                        lambda *a, **k: calls.append(k["backend"]) or compiled(*a, **k))
+    for batch, want in ((2, "compiled"), (32, "native")):
+        calls.clear()
+        x = torch.randn(batch, 5, 64)
+        y = lstm(x)[0]
+        assert calls == [want]
+        pinned = L.build("lstm", 64, backend="reference")
+        pinned.load_state_dict(lstm.state_dict())
+        torch.testing.assert_close(y, pinned(x)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_build_keeps_the_processes_denormals():

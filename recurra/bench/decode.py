@@ -67,6 +67,10 @@ def add_arguments(p) -> None:
     p.add_argument("--beam-new-tokens", type=int, default=48)
     p.add_argument("--warmup-tokens", type=int, default=32,
                    help="tokens each method decodes on the warm-up prompt (not timed)")
+    p.add_argument("--forward", choices=("port", "transformers"), default="port",
+                   help="SmolLM2 forward our methods run: 'port' = recurra.models.LlamaLM ported "
+                        "from the transformers model (same weights, leaner forward), "
+                        "'transformers' = the transformers model through HFAdapter")
     p.add_argument("--recurrent-checkpoint", default=os.path.expanduser(
         "~/.cache/recurra/decode-bench-lstm"))
 
@@ -122,7 +126,16 @@ def _smollm2_methods(args, log):
 
     model, tokenizer = load_smollm2()
     eos = tokenizer.eos_token_id
-    plain = HFAdapter(model)
+    hf_plain = HFAdapter(model)
+    if args.forward == "port":
+        from recurra.decode.kv_cache_adapter import KVCacheAdapter
+        from recurra.models.llama import LlamaLM
+
+        port = LlamaLM.from_transformers(model)
+        plain, make_adapter = KVCacheAdapter(port), (lambda sizes: KVCacheAdapter(port, sizes))
+    else:
+        plain, make_adapter = hf_plain, (lambda sizes: HFAdapter(model, sizes))
+    log(f"[smollm2] our methods run the {args.forward} forward")
     cost = CPU_2CORE_SMOLLM2
     if args.cost == "measured":
         from recurra.decode.cost_model import measure
@@ -133,7 +146,7 @@ def _smollm2_methods(args, log):
         log("[smollm2] measured verify cost (tree, 200-token cache, relative to k=1): "
             + ", ".join(f"{k}: {v:.2f}" for k, v in cost.table.items()))
     args.cost_table = cost.table
-    adapter = HFAdapter(model, verify_sizes=cost.padded_sizes())
+    adapter = make_adapter(cost.padded_sizes())
     n = args.max_new_tokens
     tr_opts = {"cost": cost, **({"template_size": args.tr_size} if args.tr_size else {})}
 
@@ -156,6 +169,8 @@ def _smollm2_methods(args, log):
     methods = {
         "greedy (ours)": ours(None, ad=plain),
         "greedy (transformers)": hf(),
+        **({"greedy (ours, transformers forward)": ours(None, ad=hf_plain)}
+           if args.forward == "port" else {}),
         "prompt lookup (transformers)": hf(prompt_lookup_num_tokens=10),
         "prompt lookup (ours)": ours("prompt_lookup", {"cost": cost}),
         "token recycling": ours("token_recycling", tr_opts),
@@ -289,8 +304,12 @@ def run(args) -> int:
                       "yes" if r["identical"] else "NO"])
 
     goals = _goals(rows, summary, beam_rows)
-    notes = ("Speedup = median over prompts of (method tok/s / our greedy tok/s on the same "
-             "prompt). MAT = mean tokens per model pass (bonus included). 'identical' = the "
+    forward = ("Our SmolLM2 methods ran recurra.models.LlamaLM ported from the transformers "
+               "model (same weights; 'greedy (ours, transformers forward)' is our engine on the "
+               "transformers model itself). " if args.forward == "port" and "smollm2" in
+               args.models else "")
+    notes = (forward + "Speedup = median over prompts of (method tok/s / our greedy tok/s on "
+             "the same prompt). MAT = mean tokens per model pass (bonus included). 'identical' = the "
              "output equals our greedy output (beam: equals transformers' beam output).\n\n"
              f"Machine load average during the run: {load:.1f} on 2 cores (other jobs were "
              "running; every comparison is interleaved per prompt, but absolute tok/s are "
@@ -299,7 +318,7 @@ def run(args) -> int:
     command = ("recurra bench decode " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k in ("max_new_tokens", "models", "threads", "tr_size", "prompts_per_kind",
-                 "beam_prompts", "beam_new_tokens")
+                 "beam_prompts", "beam_new_tokens", "forward", "cost")
         and v is not None))
     md = write_results(args.out, "Decoding: speculative methods and beam search", command,
                        ["model", "kind", "method", "tok/s", "speedup vs greedy", "MAT",

@@ -2,7 +2,8 @@
 
 A model config is a plain dict (JSON-ready) with an ``"architecture"`` key:
 ``"recurrent"`` (default) -> :class:`RecurrentLM`, ``"transformer"`` ->
-``recurra.models.transformer_lm.TransformerLM``; the other keys are the constructor's arguments.
+``recurra.models.transformer_lm.TransformerLM``, ``"llama"`` -> ``recurra.models.llama.LlamaLM``
+(a port of transformers' ``LlamaForCausalLM``); the other keys are the constructor's arguments.
 ``RecurrentLM.config_dict()`` returns such a dict.
 """
 
@@ -17,6 +18,7 @@ from .recurrent_lm import RecurrentLM, RecurrentLMConfig
 ARCHITECTURES = {
     "recurrent": ("recurra.models.recurrent_lm", "RecurrentLM"),
     "transformer": ("recurra.models.transformer_lm", "TransformerLM"),
+    "llama": ("recurra.models.llama", "LlamaLM"),
 }
 
 

@@ -180,49 +180,14 @@ class TransformerLM(nn.Module):
         ``logits_to_keep=n`` > 0 computes the logits of the last n positions only (prefill).
         With ``return_hidden=True`` also returns the final-norm hidden states (B, T, d_model).
         """
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-            got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be a tensor of shape (batch, time), got {got}")
-        if tokens.dtype not in (torch.long, torch.int32):
-            raise ValueError(f"tokens must hold integers (torch.long), got {tokens.dtype}")
-        batch, steps = tokens.shape
-        if tokens.numel() and (int(tokens.min()) < 0
-                               or int(tokens.max()) >= self.config.vocab_size):
-            raise ValueError(f"tokens must lie in [0, {self.config.vocab_size - 1}], got values "
-                             f"in [{int(tokens.min())}, {int(tokens.max())}]")
-        past = self.check_cache(cache, batch)
-        if position_ids is None:
-            position_ids = torch.arange(past, past + steps, device=tokens.device)
-        position_ids = torch.as_tensor(position_ids, device=tokens.device)
-        if position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0)
-        if position_ids.shape[-1] != steps or position_ids.shape[0] not in (1, batch):
-            raise ValueError(f"position_ids must have shape ({batch}, {steps}) or ({steps},), "
-                             f"got {tuple(position_ids.shape)}")
-        position_ids = position_ids.expand(batch, steps)
-        if steps and int(position_ids.max()) >= self.config.max_len:
-            raise ValueError(f"positions must be < max_len={self.config.max_len}, "
-                             f"got {int(position_ids.max())}")
-        if attention_mask is None:
-            mask = None if past == 0 else torch.ones(
-                1, steps, past + steps, dtype=torch.bool, device=tokens.device).tril(past)
-            causal = past == 0
-        else:
-            mask = attention_mask
-            if (mask.dtype != torch.bool or mask.dim() != 3 or mask.shape[0] not in (1, batch)
-                    or tuple(mask.shape[1:]) != (steps, past + steps)):
-                raise ValueError(
-                    f"attention_mask must be a bool tensor of shape ({batch} or 1, {steps}, "
-                    f"{past + steps}) (new tokens x cached+new slots), got "
-                    f"{mask.dtype} {tuple(mask.shape)}")
-            causal = False
-
+        past = self.check_cache(cache, tokens.shape[0] if isinstance(tokens, torch.Tensor)
+                                and tokens.dim() == 2 else 1)
+        position_ids, mask = check_decoder_inputs(tokens, past, position_ids, attention_mask,
+                                                  self.config.vocab_size, self.config.max_len)
         x = self.embedding(tokens)
         if self.position_embedding is not None:
             x = x + self.position_embedding(position_ids)
         x = self.dropout(x)
-        if causal and steps > 1:
-            mask = torch.ones(1, steps, steps, dtype=torch.bool, device=tokens.device).tril()
         new_cache = []
         for i, block in enumerate(self.blocks):
             x, layer_cache = block(x, position_ids, mask, cache[i] if cache else None)
@@ -255,6 +220,47 @@ class TransformerLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def check_decoder_inputs(tokens: torch.Tensor, past: int, position_ids, attention_mask,
+                         vocab_size: int, max_len: int):
+    """Validate a KV-cache decoder's inputs; returns ``(position_ids (B, T), mask)``.
+
+    ``mask`` is the bool (B or 1, T, past + T) attention mask: the one given, else the cache plus
+    the causal triangle, or None for a single new token (it sees the whole cache).
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be a tensor of shape (batch, time), got {got}")
+    if tokens.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"tokens must hold integers (torch.long), got {tokens.dtype}")
+    batch, steps = tokens.shape
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(f"tokens must lie in [0, {vocab_size - 1}], got values "
+                         f"in [{int(tokens.min())}, {int(tokens.max())}]")
+    if position_ids is None:
+        position_ids = torch.arange(past, past + steps, device=tokens.device)
+    position_ids = torch.as_tensor(position_ids, device=tokens.device)
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if position_ids.shape[-1] != steps or position_ids.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids must have shape ({batch}, {steps}) or ({steps},), "
+                         f"got {tuple(position_ids.shape)}")
+    position_ids = position_ids.expand(batch, steps)
+    if steps and int(position_ids.max()) >= max_len:
+        raise ValueError(f"positions must be < max_len={max_len}, got {int(position_ids.max())}")
+    if attention_mask is None:
+        mask = None if steps <= 1 else torch.ones(
+            1, steps, past + steps, dtype=torch.bool, device=tokens.device).tril(past)
+    else:
+        mask = attention_mask
+        if (mask.dtype != torch.bool or mask.dim() != 3 or mask.shape[0] not in (1, batch)
+                or tuple(mask.shape[1:]) != (steps, past + steps)):
+            raise ValueError(
+                f"attention_mask must be a bool tensor of shape ({batch} or 1, {steps}, "
+                f"{past + steps}) (new tokens x cached+new slots), got "
+                f"{mask.dtype} {tuple(mask.shape)}")
+    return position_ids, mask
+
+
 # --------------------------------------------------------------------- cache helpers
 def cache_length(cache: KVCache | None) -> int:
     return 0 if not cache else cache[0][0].shape[2]
@@ -284,6 +290,7 @@ __all__ = [
     "TransformerLMConfig",
     "apply_rope",
     "cache_length",
+    "check_decoder_inputs",
     "compact_cache",
     "crop_cache",
     "reorder_cache",
