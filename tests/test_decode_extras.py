@@ -79,6 +79,25 @@ def test_verify_cost_padding():
     assert c.effective(3) == 1.6
 
 
+def test_verify_cost_precomputed_answers_equal_their_definitions():
+    """effective(k) = the cheapest relative cost of any size >= k (held past the table's end);
+    padded_sizes() = the sizes that every larger size costs more than. Checked by brute force
+    on random tables."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        sizes = sorted({1, *torch.randint(2, 40, (6,), generator=gen).tolist()})
+        costs = (1 + torch.rand(len(sizes), generator=gen) * 4).tolist()
+        c = VerifyCost({k: (1.0 if k == 1 else v) for k, v in zip(sizes, costs)})
+        top = max(c.table)
+        for k in range(1, top + 6):
+            want = (min(c.relative(j) for j in range(k, top + 1)) if k <= top
+                    else c.relative(k))
+            assert c.effective(k) == want
+        ks = range(1, top + 1)
+        assert c.padded_sizes() == [k for k in ks if all(c.relative(j) > c.relative(k)
+                                                         for j in ks if j > k)]
+
+
 def test_repetition_measures():
     assert repeated_ngram_fraction([1, 2, 3, 4, 5]) == 0.0
     assert repeated_ngram_fraction([1, 2] * 6, n=2) == 9 / 11

@@ -197,3 +197,31 @@ def test_registered():
 
 def test_trains_and_decodes_inside_recurrent_lm():
     check_trains_in_language_model("mamba2", {"d_state": 8, "head_dim": 8, "chunk_size": 8})
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_long_inputs_run_in_blocks_with_the_same_numbers(monkeypatch, with_lengths):
+    """A long input runs in blocks of whole chunks with the state carried: outputs, final
+    states and gradients equal one unblocked pass bit for bit (padding included: a row that ends
+    before a block leaves its state untouched through it)."""
+    torch.manual_seed(0)
+    layer = Mamba2(8, d_state=4, head_dim=4, chunk_size=4).double()
+    x = torch.randn(3, 23, 8, dtype=D, requires_grad=True)
+    lengths = torch.tensor([23, 9, 2]) if with_lengths else None
+
+    def run(block_tokens):
+        monkeypatch.setattr(Mamba2, "block_tokens", block_tokens)
+        y, state = layer(x, lengths=lengths)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=D).view_as(y)).sum() \
+            + sum((s * s).sum() for s in state)
+        grads = torch.autograd.grad(loss, [x, *layer.parameters()])
+        return y.detach(), [s.detach() for s in state], grads
+
+    whole = run(1024)
+    for block_tokens in (4, 8, 10):                                  # 10 -> blocks of 8
+        blocked = run(block_tokens)
+        assert torch.equal(blocked[0], whole[0])
+        for a, b in zip(blocked[1], whole[1]):
+            assert torch.equal(a, b)
+        for a, b in zip(blocked[2], whole[2]):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -152,7 +152,7 @@ def run(args) -> int:
             fl = layer_flops(cell, B, T, H, H, 1, True)
             goal = goals[cell]
             met = (min(r_f, r_fb) >= goal) if cell == "lstm" else (r_fb >= goal)
-            rows.append([label, f"torch.nn.{cls.__name__}", ours.resolved_backend(),
+            rows.append([label, f"torch.nn.{cls.__name__}", ours.resolved_backend(B),
                          res[False]["recurra"].median_ms, res[False]["torch.nn"].median_ms,
                          r_f, res[True]["recurra"].median_ms, res[True]["torch.nn"].median_ms,
                          r_fb, 100 * fl / (res[True]["recurra"].median_ms * 1e6) / peak,
@@ -196,7 +196,7 @@ def run(args) -> int:
                 r_f = best_f / res[False]["recurra"].median_ms
                 r_fb = best_fb / res[True]["recurra"].median_ms
                 fl = layer_flops(cell, BB, BT, BH, BH, heads, True)
-                rows.append([label, "flashrnn best of vanilla / vanilla_fwbw", layer.resolved_backend(),
+                rows.append([label, "flashrnn best of vanilla / vanilla_fwbw", layer.resolved_backend(BB),
                              res[False]["recurra"].median_ms, best_f, r_f,
                              res[True]["recurra"].median_ms, best_fb, r_fb,
                              100 * fl / (res[True]["recurra"].median_ms * 1e6) / peak,

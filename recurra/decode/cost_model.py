@@ -25,9 +25,22 @@ class VerifyCost:
             raise ValueError("a cost table must be a non-empty dict {k: cost} containing k=1")
         base = table[1]
         self.table = {int(k): float(v) / base for k, v in sorted(table.items())}
+        # drafters ask for these every step: computed once (the table never changes)
+        top = max(self.table)
+        rel = [0.0] + [self._interpolate(k) for k in range(1, top + 1)]
+        self._effective = [0.0] * (top + 1)
+        cheapest = float("inf")
+        for k in range(top, 0, -1):
+            cheapest = min(cheapest, rel[k])
+            self._effective[k] = cheapest
+        self._padded = [k for k in range(1, top + 1)
+                        if all(rel[j] > rel[k] for j in range(k + 1, top + 1))]
 
     def relative(self, k: int) -> float:
         """Cost of verifying k tokens / cost of 1 (linear interpolation, held past the end)."""
+        return self._interpolate(k)
+
+    def _interpolate(self, k: int) -> float:
         ks = list(self.table)
         if k in self.table:
             return self.table[k]
@@ -40,13 +53,11 @@ class VerifyCost:
 
     def effective(self, k: int) -> float:
         """Cost of k tokens when padding to a cheaper larger size is allowed."""
-        return min(self.relative(j) for j in range(k, max(self.table) + 1)) \
-            if k <= max(self.table) else self.relative(k)
+        return self._effective[k] if 1 <= k < len(self._effective) else self.relative(k)
 
     def padded_sizes(self) -> list[int]:
         """Sizes worth running: a size is kept unless a larger one is no more expensive."""
-        ks = list(range(1, max(self.table) + 1))
-        return [k for k in ks if all(self.relative(j) > self.relative(k) for j in ks if j > k)]
+        return list(self._padded)
 
     def gain(self, expected_tokens: float, k: int) -> float:
         """Tokens per unit cost of a verify of k tokens expected to emit ``expected_tokens``."""
