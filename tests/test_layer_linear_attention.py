@@ -115,3 +115,28 @@ def test_bad_options_raise():
 def test_trains_and_decodes_inside_recurrent_lm():
     check_trains_in_language_model("linear_attention",
                                    {"heads": 2, "feature_map": "elu", "chunk_size": 8})
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_long_inputs_run_in_blocks_with_the_same_function(monkeypatch, with_lengths):
+    """A long input runs in blocks of whole chunks with the state carried (``run_in_blocks``):
+    outputs, final states and gradients equal one pass (float64, to rounding), padding included
+    (a row that ends before a block leaves its state untouched through it)."""
+    torch.manual_seed(0)
+    layer = LinearAttention(8, heads=2, feature_map="elu", chunk_size=4).double()
+    x = torch.randn(3, 23, 8, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([23, 9, 2]) if with_lengths else None
+
+    def run(block_tokens):
+        monkeypatch.setattr(LinearAttention, "block_tokens", block_tokens)
+        y, state = layer(x, lengths=lengths)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=x.dtype).view_as(y)).sum() \
+            + sum((s * s).sum() for s in state)
+        return y.detach(), state, torch.autograd.grad(loss, [x, *layer.parameters()])
+
+    whole = run(1024)
+    for block_tokens in (4, 8, 10):                                  # 10 -> blocks of 8
+        blocked = run(block_tokens)
+        torch.testing.assert_close(blocked[0], whole[0], atol=1e-12, rtol=1e-12)
+        for a, b in zip((*blocked[1], *blocked[2]), (*whole[1], *whole[2])):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -180,6 +180,26 @@ def time_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.arange(steps, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
+def run_in_blocks(forward, x: torch.Tensor, state, lengths: torch.Tensor | None, block: int):
+    """``forward(x, state, lengths)`` over consecutive time blocks of ``block`` steps, the state
+    carried from block to block; returns the concatenated outputs and the final state.
+
+    The layer contract (one pass == chunks with the state carried; padding never touches the
+    state) makes this the same function as one pass: each row's ``lengths`` are clamped to the
+    block, 0 for the blocks past its end, through which its state passes unchanged. Layers use
+    it to keep the temporaries of long inputs small.
+    """
+    t = x.shape[1]
+    if t <= block:
+        return forward(x, state, lengths)
+    ys = []
+    for start in range(0, t, block):
+        part = None if lengths is None else (lengths - start).clamp(0, block)
+        y, state = forward(x[:, start:start + block], state, part)
+        ys.append(y)
+    return torch.cat(ys, 1), state
+
+
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """Reverse each row's first ``lengths[b]`` steps along axis 1, leaving the padding in place.
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..ops.ssd import ssd_chunked, ssd_reference
 from ..ops.ssd_window import ssd_window_chunked, ssd_window_reference
-from .base import RecurrentLayer, time_mask
+from .base import RecurrentLayer, run_in_blocks, time_mask
 from .registry import register
 
 
@@ -168,16 +168,10 @@ class Mamba2(RecurrentLayer):
     block_tokens = 1024
 
     def _forward(self, x, state, lengths):
-        t = x.shape[1]
-        block = max(self.chunk_size, self.block_tokens // self.chunk_size * self.chunk_size)
-        if t <= block or self.window is not None or self.max_state_norm is not None:
+        if self.window is not None or self.max_state_norm is not None:
             return self._forward_block(x, state, lengths)
-        ys = []
-        for start in range(0, t, block):
-            part = None if lengths is None else (lengths - start).clamp(0, block)
-            y, state = self._forward_block(x[:, start:start + block], state, part)
-            ys.append(y)
-        return torch.cat(ys, 1), state
+        block = max(self.chunk_size, self.block_tokens // self.chunk_size * self.chunk_size)
+        return run_in_blocks(self._forward_block, x, state, lengths, block)
 
     def _forward_block(self, x, state, lengths):
         b, t, _ = x.shape
