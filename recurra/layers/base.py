@@ -195,7 +195,8 @@ def run_in_blocks(forward, x: torch.Tensor, state, lengths: torch.Tensor | None,
     ys = []
     for start in range(0, t, block):
         part = None if lengths is None else (lengths - start).clamp(0, block)
-        y, state = forward(x[:, start:start + block], state, part)
+        # contiguous: the layer's projections would each copy the strided slice otherwise
+        y, state = forward(x[:, start:start + block].contiguous(), state, part)
         ys.append(y)
     return torch.cat(ys, 1), state
 

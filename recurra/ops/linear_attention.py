@@ -118,21 +118,22 @@ def linear_attention_chunked(
     pad = n * c - t
     if pad:  # zero keys/values add nothing; the padded outputs are dropped
         q, k, v = (F.pad(a, (0, 0, 0, pad)) for a in (q, k, v))
-    qc = q.reshape(b, h, n, c, f)
-    kc = k.reshape(b, h, n, c, f)
-    vc = v.reshape(b, h, n, c, dv)
+    # (b*h*n, c, .) blocks: bmm takes the transposed operands as strided views (no copies)
+    qc = q.reshape(b * h * n, c, f)
+    kc = k.reshape(b * h * n, c, f)
+    vc = v.reshape(b * h * n, c, dv)
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    scores = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0)   # (b, h, n, c, c)
-    kv = kc.transpose(-1, -2) @ vc                                   # (b, h, n, f, dv)
+    scores = torch.bmm(qc, kc.transpose(1, 2)).masked_fill_(~causal, 0.0)   # (bhn, c, c)
+    kv = torch.bmm(kc.transpose(1, 2), vc).view(b, h, n, f, dv)
     kv_sum = kv.cumsum(2)
     S_before = S0.unsqueeze(2) + (kv_sum - kv)                       # memory before each chunk
-    y = scores @ vc + qc @ S_before
+    y = torch.baddbmm(torch.bmm(scores, vc), qc, S_before.view(b * h * n, f, dv))
     S_final = S0 + kv_sum[:, :, -1] if n else S0
     if normalize:
-        kz = kc.sum(3)                                               # (b, h, n, f)
+        kz = kc.view(b, h, n, c, f).sum(3)                           # (b, h, n, f)
         kz_sum = kz.cumsum(2)
         z_before = z0.unsqueeze(2) + (kz_sum - kz)
-        den = scores.sum(-1) + (qc @ z_before.unsqueeze(-1)).squeeze(-1)
+        den = scores.sum(-1) + torch.bmm(qc, z_before.view(b * h * n, f, 1)).squeeze(-1)
         y = y / (den.unsqueeze(-1) + eps)
         z_final = z0 + kz_sum[:, :, -1] if n else z0
     y = y.reshape(b, h, n * c, dv)[:, :, :t]
