@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transformer_lm import KVCache, check_decoder_inputs, rotate_half
+from .transformer_lm import KVCache, check_decoder_inputs, check_kv_cache, rotate_half
 
 
 @dataclass
@@ -195,17 +195,8 @@ class LlamaLM(nn.Module):
 
     def check_cache(self, cache: KVCache | None, batch: int) -> int:
         """Validate a cache for ``batch`` rows; returns its length S (0 for None)."""
-        if cache is None or len(cache) == 0:
-            return 0
-        if not isinstance(cache, (tuple, list)) or len(cache) != len(self.blocks):
-            raise ValueError(f"cache must be a tuple of {len(self.blocks)} (k, v) pairs, one per "
-                             f"layer, got {type(cache).__name__} of length {len(cache)}")
-        k = cache[0][0]
-        h, dh = self.config.n_kv_heads, self.config.head_dim
-        if k.dim() != 4 or k.shape[0] != batch or k.shape[1] != h or k.shape[3] != dh:
-            raise ValueError(f"cache tensors must have shape ({batch}, {h}, S, {dh}), "
-                             f"got {tuple(k.shape)}")
-        return k.shape[2]
+        return check_kv_cache(cache, len(self.blocks), batch, self.config.n_kv_heads,
+                              self.config.head_dim)
 
     def config_dict(self) -> dict:
         """A JSON-ready config that :func:`recurra.models.build_model` turns back into this model."""

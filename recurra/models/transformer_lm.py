@@ -200,17 +200,8 @@ class TransformerLM(nn.Module):
 
     def check_cache(self, cache: KVCache | None, batch: int) -> int:
         """Validate a cache for ``batch`` rows; returns its length S (0 for None)."""
-        if cache is None or len(cache) == 0:
-            return 0
-        if not isinstance(cache, (tuple, list)) or len(cache) != len(self.blocks):
-            raise ValueError(f"cache must be a tuple of {len(self.blocks)} (k, v) pairs, one per "
-                             f"layer, got {type(cache).__name__} of length {len(cache)}")
-        k = cache[0][0]
-        h, dh = self.config.n_heads, self.config.d_model // self.config.n_heads
-        if k.dim() != 4 or k.shape[0] != batch or k.shape[1] != h or k.shape[3] != dh:
-            raise ValueError(f"cache tensors must have shape ({batch}, {h}, S, {dh}), "
-                             f"got {tuple(k.shape)}")
-        return k.shape[2]
+        return check_kv_cache(cache, len(self.blocks), batch, self.config.n_heads,
+                              self.config.d_model // self.config.n_heads)
 
     def config_dict(self) -> dict:
         """A JSON-ready config that :func:`recurra.models.build_model` turns back into this model."""
@@ -218,6 +209,22 @@ class TransformerLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def check_kv_cache(cache: KVCache | None, n_layers: int, batch: int, heads: int,
+                   head_dim: int) -> int:
+    """Validate a cache of ``n_layers`` (k, v) pairs for ``batch`` rows, each
+    (batch, heads, S, head_dim); returns S (0 for None or an empty cache)."""
+    if cache is None or len(cache) == 0:
+        return 0
+    if not isinstance(cache, (tuple, list)) or len(cache) != n_layers:
+        raise ValueError(f"cache must be a tuple of {n_layers} (k, v) pairs, one per "
+                         f"layer, got {type(cache).__name__} of length {len(cache)}")
+    k = cache[0][0]
+    if k.dim() != 4 or k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
+        raise ValueError(f"cache tensors must have shape ({batch}, {heads}, S, {head_dim}), "
+                         f"got {tuple(k.shape)}")
+    return k.shape[2]
 
 
 def check_decoder_inputs(tokens: torch.Tensor, past: int, position_ids, attention_mask,
@@ -291,6 +298,7 @@ __all__ = [
     "apply_rope",
     "cache_length",
     "check_decoder_inputs",
+    "check_kv_cache",
     "compact_cache",
     "crop_cache",
     "reorder_cache",
