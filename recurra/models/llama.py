@@ -174,10 +174,9 @@ class LlamaLM(nn.Module):
                 logits_to_keep: int = 0):
         """``tokens`` (B, T) -> ``logits`` (B, T, vocab_size), ``cache``; the arguments are
         :meth:`TransformerLM.forward`'s."""
-        past = self.check_cache(cache, tokens.shape[0] if isinstance(tokens, torch.Tensor)
-                                and tokens.dim() == 2 else 1)
-        position_ids, mask = check_decoder_inputs(tokens, past, position_ids, attention_mask,
-                                                  self.config.vocab_size, self.config.max_len)
+        past, position_ids, mask = check_decoder_inputs(
+            tokens, lambda batch: self.check_cache(cache, batch), position_ids, attention_mask,
+            self.config.vocab_size, self.config.max_len)
         if mask is not None and past == 0 and attention_mask is None:
             mask = None  # a prefill: SDPA's causal kernel
         cos = self.rope_cos[position_ids].unsqueeze(1)            # (B, 1, T, Dh)

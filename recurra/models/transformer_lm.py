@@ -180,10 +180,9 @@ class TransformerLM(nn.Module):
         ``logits_to_keep=n`` > 0 computes the logits of the last n positions only (prefill).
         With ``return_hidden=True`` also returns the final-norm hidden states (B, T, d_model).
         """
-        past = self.check_cache(cache, tokens.shape[0] if isinstance(tokens, torch.Tensor)
-                                and tokens.dim() == 2 else 1)
-        position_ids, mask = check_decoder_inputs(tokens, past, position_ids, attention_mask,
-                                                  self.config.vocab_size, self.config.max_len)
+        past, position_ids, mask = check_decoder_inputs(
+            tokens, lambda batch: self.check_cache(cache, batch), position_ids, attention_mask,
+            self.config.vocab_size, self.config.max_len)
         x = self.embedding(tokens)
         if self.position_embedding is not None:
             x = x + self.position_embedding(position_ids)
@@ -227,12 +226,14 @@ def check_kv_cache(cache: KVCache | None, n_layers: int, batch: int, heads: int,
     return k.shape[2]
 
 
-def check_decoder_inputs(tokens: torch.Tensor, past: int, position_ids, attention_mask,
+def check_decoder_inputs(tokens: torch.Tensor, cache_length, position_ids, attention_mask,
                          vocab_size: int, max_len: int):
-    """Validate a KV-cache decoder's inputs; returns ``(position_ids (B, T), mask)``.
+    """Validate a KV-cache decoder's inputs; returns ``(past, position_ids (B, T), mask)``.
 
-    ``mask`` is the bool (B or 1, T, past + T) attention mask: the one given, else the cache plus
-    the causal triangle, or None for a single new token (it sees the whole cache).
+    ``cache_length(batch)`` validates the cache for the tokens' batch and returns its length
+    ``past`` (the model's ``check_cache``). ``mask`` is the bool (B or 1, T, past + T) attention
+    mask: the one given, else the cache plus the causal triangle, or None for a single new token
+    (it sees the whole cache).
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
         got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
@@ -243,6 +244,7 @@ def check_decoder_inputs(tokens: torch.Tensor, past: int, position_ids, attentio
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         raise ValueError(f"tokens must lie in [0, {vocab_size - 1}], got values "
                          f"in [{int(tokens.min())}, {int(tokens.max())}]")
+    past = cache_length(batch)
     if position_ids is None:
         position_ids = torch.arange(past, past + steps, device=tokens.device)
     position_ids = torch.as_tensor(position_ids, device=tokens.device)
@@ -265,7 +267,7 @@ def check_decoder_inputs(tokens: torch.Tensor, past: int, position_ids, attentio
                 f"attention_mask must be a bool tensor of shape ({batch} or 1, {steps}, "
                 f"{past + steps}) (new tokens x cached+new slots), got "
                 f"{mask.dtype} {tuple(mask.shape)}")
-    return position_ids, mask
+    return past, position_ids, mask
 
 
 # --------------------------------------------------------------------- cache helpers
