@@ -180,15 +180,19 @@ def time_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.arange(steps, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
-def run_in_blocks(forward, x: torch.Tensor, state, lengths: torch.Tensor | None, block: int):
-    """``forward(x, state, lengths)`` over consecutive time blocks of ``block`` steps, the state
-    carried from block to block; returns the concatenated outputs and the final state.
+def run_in_blocks(forward, x: torch.Tensor, state, lengths: torch.Tensor | None,
+                  block: int, multiple: int = 1):
+    """``forward(x, state, lengths)`` over consecutive time blocks of ``block`` steps (rounded
+    down to a multiple of ``multiple``, e.g. whole chunks of a chunked form, and at least one
+    multiple), the state carried from block to block; returns the concatenated outputs and the
+    final state.
 
     The layer contract (one pass == chunks with the state carried; padding never touches the
     state) makes this the same function as one pass: each row's ``lengths`` are clamped to the
     block, 0 for the blocks past its end, through which its state passes unchanged. Layers use
     it to keep the temporaries of long inputs small.
     """
+    block = max(multiple, block // multiple * multiple)
     t = x.shape[1]
     if t <= block:
         return forward(x, state, lengths)

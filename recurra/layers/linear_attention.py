@@ -103,12 +103,12 @@ class LinearAttention(RecurrentLayer):
     # ----------------------------------------------------------------- contract
     #: tokens per block of a long input (rounded down to whole chunks): the state is carried from
     #: block to block (the same function, see ``run_in_blocks``) and each block's temporaries
-    #: stay small; a (4, 4096, 256) forward takes about 40% less time than one pass
+    #: stay small (an isolated A/B at (4, 4096, 256): about 100 ms against 167 in one pass)
     block_tokens = 512
 
     def _forward(self, x, state, lengths):
-        block = max(self.chunk_size, self.block_tokens // self.chunk_size * self.chunk_size)
-        return run_in_blocks(self._forward_block, x, state, lengths, block)
+        return run_in_blocks(self._forward_block, x, state, lengths, self.block_tokens,
+                             multiple=self.chunk_size)
 
     def _forward_block(self, x, state, lengths):
         mask = None if lengths is None else time_mask(lengths, x.shape[1]).unsqueeze(-1)

@@ -170,8 +170,8 @@ class Mamba2(RecurrentLayer):
     def _forward(self, x, state, lengths):
         if self.window is not None or self.max_state_norm is not None:
             return self._forward_block(x, state, lengths)
-        block = max(self.chunk_size, self.block_tokens // self.chunk_size * self.chunk_size)
-        return run_in_blocks(self._forward_block, x, state, lengths, block)
+        return run_in_blocks(self._forward_block, x, state, lengths, self.block_tokens,
+                             multiple=self.chunk_size)
 
     def _forward_block(self, x, state, lengths):
         b, t, _ = x.shape
