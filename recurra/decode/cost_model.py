@@ -27,7 +27,7 @@ class VerifyCost:
         self.table = {int(k): float(v) / base for k, v in sorted(table.items())}
         # drafters ask for these every step: computed once (the table never changes)
         top = max(self.table)
-        rel = [0.0] + [self._interpolate(k) for k in range(1, top + 1)]
+        rel = [0.0] + [self.relative(k) for k in range(1, top + 1)]
         self._effective = [0.0] * (top + 1)
         cheapest = float("inf")
         for k in range(top, 0, -1):
@@ -38,9 +38,6 @@ class VerifyCost:
 
     def relative(self, k: int) -> float:
         """Cost of verifying k tokens / cost of 1 (linear interpolation, held past the end)."""
-        return self._interpolate(k)
-
-    def _interpolate(self, k: int) -> float:
         ks = list(self.table)
         if k in self.table:
             return self.table[k]
