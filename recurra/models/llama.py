@@ -18,9 +18,10 @@ trees, crop, compact, beam reorder) serves both.
 on a CPU, for decoding:
 
 - one GEMM for q, k and v and one for gate and up, instead of five;
-- every weight is stored input-major (``y = x @ W``), the layout in which the CPU's GEMM is
-  fastest for the few rows of a decoding step or a draft tree (a draft of 4 to 16 rows through
-  the 576 x 49152 output head of SmolLM2 costs 30-40% less than in torch.nn.Linear's layout);
+- every weight is stored input-major (``y = x @ W``), the layout in which MKL's GEMM does best
+  at the few rows of a decoding step or a draft tree (on the 2-core CPU, 4 rows through the
+  576 x 49152 output head of SmolLM2: 2.8 ms against 4.4 in torch.nn.Linear's layout; 8 and 16
+  rows: about the same in both);
 - the rotary tables are computed once, not at every call, and there is no per-call
   configuration and mask machinery.
 
