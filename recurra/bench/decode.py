@@ -311,9 +311,9 @@ def run(args) -> int:
     notes = (forward + "Speedup = median over prompts of (method tok/s / our greedy tok/s on "
              "the same prompt). MAT = mean tokens per model pass (bonus included). 'identical' = the "
              "output equals our greedy output (beam: equals transformers' beam output).\n\n"
-             f"Machine load average during the run: {load:.1f} on 2 cores (other jobs were "
-             "running; every comparison is interleaved per prompt, but absolute tok/s are "
-             "lower than on an idle machine).\n\n**Goals**\n\n"
+             f"Highest 1-minute load average seen during the run (the benchmark itself "
+             f"included): {load:.1f} on 2 cores. Every comparison is interleaved per prompt."
+             "\n\n**Goals**\n\n"
              + "\n".join(f"- {g}" for g in goals))
     command = ("recurra bench decode " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
