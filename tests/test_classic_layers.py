@@ -262,8 +262,8 @@ def test_auto_backend_warns_and_runs_fused_when_the_compiled_loop_is_unavailable
     from recurra.layers import recurrent_stack
     from recurra.ops import recurrent_compiled
 
-    monkeypatch.setattr(recurrent_compiled, "_module", None)
-    monkeypatch.setattr(recurrent_compiled, "_error", "no compiler here (test)")
+    monkeypatch.setattr(recurrent_compiled.EXTENSION, "module", None)
+    monkeypatch.setattr(recurrent_compiled.EXTENSION, "error", "no compiler here (test)")
     monkeypatch.setattr(recurrent_stack, "_compiled_checked", False)
     torch.manual_seed(8)
     layer = L.build("gru", 8)

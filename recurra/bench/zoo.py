@@ -400,6 +400,19 @@ def run(args) -> None:
     print(md)
 
 
+def _paths_note() -> str:
+    """Which code the parallel rows ran (the layers' default backend="auto")."""
+    from ..ops import chunked_scan_compiled
+
+    reason = chunked_scan_compiled.EXTENSION.unavailable_reason()
+    inference = ("the compiled inference kernels (recurra.ops.chunked_scan_compiled: the "
+                 "chunked scan, and Mamba-2's conv + SiLU and gated RMSNorm)" if reason is None
+                 else f"the torch ops (the compiled inference kernels are unavailable: {reason})")
+    return ("Paths: the fwd rows run without gradients, so mamba2 and linear_attention take their "
+            f"inference path, {inference}; the fwd+bwd rows, s4d and aaren run the torch ops; "
+            "the step loops run each layer's `step`.")
+
+
 def _verdict(rows, mem_records, args, fla_ok) -> str:
     lines = ["### Goals"]
     if args.quick:
@@ -410,6 +423,7 @@ def _verdict(rows, mem_records, args, fla_ok) -> str:
     if not fla_ok:
         lines.append("- fla comparison: **not run** (skipped or fla unavailable)")
     lines += step_memory_verdicts(mem_records)
+    lines.append("\n" + _paths_note())
     if args.lock:
         lines.append(f"\nTimed holding `{args.lock}` (flock) around each pass's timing (the "
                      "untimed equality check runs outside it), the fla section and each "

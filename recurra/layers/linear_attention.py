@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..ops import chunked_scan_compiled
 from ..ops.linear_attention import (
     FEATURE_MAPS,
     feature_dim,
@@ -34,12 +36,18 @@ class LinearAttention(RecurrentLayer):
             scores can be negative; unnormalised queries are scaled by key_dim^-1/2).
         chunk_size: chunk length of the parallel form.
         eps: added to the normaliser.
+        backend: ``"auto"`` (default) runs inference calls (no gradient needed, CPU, float32 or
+            float64; identity and elu feature maps) through the compiled chunked scan
+            (``recurra.ops.chunked_scan_compiled``: one pass, the feature map applied as keys and
+            queries are read, the heads read in place from one fused projection) and everything
+            else through the torch ops; ``"torch"`` always runs the torch ops.
     """
 
     def __init__(self, d_model: int, heads: int = 4, feature_map: str = "elu",
                  key_dim: int | None = None, normalize: bool | None = None,
-                 chunk_size: int = 64, eps: float = 1e-6):
+                 chunk_size: int = 64, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
+        self.backend = chunked_scan_compiled.check_backend(backend)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
         if not isinstance(heads, int) or heads < 1 or d_model % heads:
@@ -114,6 +122,9 @@ class LinearAttention(RecurrentLayer):
         mask = None if lengths is None else time_mask(lengths, x.shape[1]).unsqueeze(-1)
         if mask is not None:
             x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        if (self.kind in ("identity", "elu") and x.shape[1] > 1
+                and chunked_scan_compiled.serves(self.backend, x, self.q_proj.weight, *state)):
+            return self._forward_compiled(x, state, mask)
         q = self._queries(x)
         k = self._features(self.k_proj(x))
         v = self._split_heads(self.v_proj(x))
@@ -121,6 +132,28 @@ class LinearAttention(RecurrentLayer):
             m = mask.transpose(1, 2).unsqueeze(-1).to(x.dtype)  # (B, 1, T, 1)
             k, v = k * m, v * m
         y, state = self._attend(q, k, v, state)
+        return self._merge(y, mask), state
+
+
+    def _forward_compiled(self, x, state, mask):
+        """The inference path: one projection for q, k, v, read per head in place by the
+        compiled scan, and its output merged for free."""
+        hk, hv = self.heads * self.key_dim, self.heads * self.value_dim
+        qkv = F.linear(x, torch.cat([self.q_proj.weight, self.k_proj.weight,
+                                     self.v_proj.weight]))
+        q, k, v = (self._split_heads(part) for part in qkv.split([hk, hk, hv], -1))
+        # the kernel applies elu + 1 as it reads (not when padding must zero phi(k), nor when
+        # the unnormalised queries are scaled after the map)
+        fused_map = mask is None and self.kind == "elu" and self.normalize
+        if not fused_map:
+            q, k = feature_map(q, self.kind), feature_map(k, self.kind)
+        if mask is not None:  # padded steps add nothing to the memory
+            m = mask.transpose(1, 2).unsqueeze(-1).to(x.dtype)  # (B, 1, T, 1)
+            k, v = k * m, v * m
+        if not self.normalize:
+            q = q * self.key_dim ** -0.5
+        y, state = chunked_scan_compiled.linear_attention_forward(
+            q, k, v, state, self.normalize, self.eps, self.chunk_size, fused_map)
         return self._merge(y, mask), state
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import chunked_scan_compiled
 from ..ops.ssd import ssd_chunked, ssd_reference
 from ..ops.ssd_window import ssd_window_chunked, ssd_window_reference
 from .base import RecurrentLayer, run_in_blocks, time_mask
@@ -58,6 +59,11 @@ class Mamba2(RecurrentLayer):
         dt_min, dt_max: range of the initial step sizes (log-uniform).
         a_init_range: range of the initial -A (uniform).
         decay_scale, insert_scale, max_state_norm, window: see the module docstring.
+        backend: ``"auto"`` (default) runs inference calls (no gradient needed, CPU, float32 or
+            float64) through the compiled chunked scan (``recurra.ops.chunked_scan_compiled``:
+            one pass, with the input scale and the skip ``D x`` folded in) and everything else
+            through the torch ops; ``"torch"`` always runs the torch ops. Window and
+            state-normalisation layers always run the torch ops.
     """
 
     def __init__(self, d_model: int, d_state: int = 64, head_dim: int = 64, expand: int = 2,
@@ -66,8 +72,9 @@ class Mamba2(RecurrentLayer):
                  a_init_range: tuple[float, float] = (1.0, 16.0),
                  decay_scale: float = 1.0, insert_scale: float = 1.0,
                  max_state_norm: float | None = None, window: int | None = None,
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
+        self.backend = chunked_scan_compiled.check_backend(backend)
         d_inner = expand * d_model
         for name, v in (("d_state", d_state), ("head_dim", head_dim), ("expand", expand),
                         ("n_groups", n_groups), ("conv_kernel", conv_kernel),
@@ -178,23 +185,36 @@ class Mamba2(RecurrentLayer):
         mask = None if lengths is None else time_mask(lengths, t).unsqueeze(-1)
         if mask is not None:
             x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        compiled = (self.window is None and self.max_state_norm is None and t > 1
+                    and chunked_scan_compiled.serves(self.backend, x, self.D, *state))
         n_bc = self.n_groups * self.d_state
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.heads], -1)
-        xbc, conv_state = self._conv(xbc, state[0], lengths)
-        xs, Bm, Cm = F.silu(xbc).split([self.d_inner, n_bc, n_bc], -1)
+        if compiled:
+            xbc, conv_state = chunked_scan_compiled.causal_conv_silu(
+                xbc, state[0], self.conv_weight, self.conv_bias, lengths)
+        else:
+            xbc, conv_state = self._conv(xbc, state[0], lengths)
+            xbc = F.silu(xbc)
+        xs, Bm, Cm = xbc.split([self.d_inner, n_bc, n_bc], -1)
+        Bm = Bm.view(b, t, self.n_groups, self.d_state)
+        Cm = Cm.view(b, t, self.n_groups, self.d_state)
         dt = F.softplus(dt + self.dt_bias)                          # (B, T, H)
         if mask is not None:  # padded steps: a = 1 and no input, so the state stays
             dt = dt * mask.to(dt.dtype)
-        A = -self.A_log.exp()
+        log_a = self.decay_scale * dt * -self.A_log.exp()
         xh = xs.view(b, t, self.heads, self.head_dim)
-        y, ssm_state = self._scan(
-            xh * (self.insert_scale * dt).unsqueeze(-1),
-            self.decay_scale * dt * A,
-            Bm.view(b, t, self.n_groups, self.d_state),
-            Cm.view(b, t, self.n_groups, self.d_state),
-            state, lengths)
-        y = torch.addcmul(y, xh, self.D.unsqueeze(-1)).reshape(b, t, self.d_inner)
-        y = F.rms_norm(y * F.silu(z), (self.d_inner,), self.norm_weight, self.norm_eps)
+        if compiled:  # one pass: the scan with the input scale dt and the skip D x folded in
+            y, h = chunked_scan_compiled.ssd_forward(xh, log_a, Bm, Cm, state[1],
+                                                     self.chunk_size,
+                                                     x_scale=self.insert_scale * dt, D=self.D)
+            y = chunked_scan_compiled.gated_rms_norm(y.view(b, t, self.d_inner), z,
+                                                     self.norm_weight, self.norm_eps)
+            ssm_state = (h,)
+        else:
+            y, ssm_state = self._scan(xh * (self.insert_scale * dt).unsqueeze(-1), log_a, Bm, Cm,
+                                      state, lengths)
+            y = torch.addcmul(y, xh, self.D.unsqueeze(-1)).reshape(b, t, self.d_inner)
+            y = F.rms_norm(y * F.silu(z), (self.d_inner,), self.norm_weight, self.norm_eps)
         y = self.out_proj(y)
         if mask is not None:
             y = y * mask

@@ -5,84 +5,44 @@ loop, the recurrent-weight gradient as one batched matmul after it), with both t
 (``csrc/recurrent_cells.cpp``): per step one BLAS matmul and one vectorised pass over the gates,
 so no Python runs per step. Read ``recurrent_cells.recurrence_reference`` for the math.
 
-The extension is compiled on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler
-and ninja; about a minute, once per machine: the build is cached under
-``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). ``available()`` says whether
-it can serve and ``unavailable_reason()`` why not; ``load()`` raises with that reason.
+The extension is compiled on first use (see ``recurra.ops.cpp_extension``: a C++ compiler and
+ninja, about a minute once per machine). ``available()`` says whether it can serve and
+``unavailable_reason()`` why not; ``load()`` raises with that reason.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-from pathlib import Path
-
 import torch
 from torch.autograd import Function
 
+from .cpp_extension import CompiledExtension
 from .recurrent_fused import weight_grad
 
-SOURCE = Path(__file__).with_name("csrc") / "recurrent_cells.cpp"
-# -ffast-math lets GCC vectorise exp/tanh/log1p through glibc's vector math library; it is not
-# passed to the linker, so the process's floating-point mode (denormals) is left alone.
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
-
-_module = None
-_error: str | None = None
+EXTENSION = CompiledExtension("recurra_recurrent_cells", ("recurrent_cells.cpp",),
+                              "recurrent kernels")
 
 
 def load():
     """The compiled extension module, built on first use; RuntimeError with the reason if it
     cannot be built here."""
-    global _module, _error
-    if _module is not None:
-        return _module
-    if _error is not None:
-        raise RuntimeError(_error)
-    try:
-        from torch.utils.cpp_extension import load as build
-
-        # ninja installed by pip into this interpreter's environment, even when it is not on
-        # PATH (a venv's python run without activating the venv)
-        env_bin = str(Path(sys.executable).parent)
-        if shutil.which("ninja") is None and shutil.which("ninja", path=env_bin):
-            os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")
-        name = "recurra_recurrent_cells"
-        cache = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser(
-            "~/.cache/torch_extensions")
-        if not any(p.name.startswith(name) for p in Path(cache).rglob(f"{name}*.so")):
-            print("recurra: compiling the C++ recurrent kernels (once per machine, ~1 min)",
-                  file=sys.stderr, flush=True)
-        _module = build(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
-    except Exception as exc:  # compiler, ninja or headers missing
-        lines = str(exc).strip().splitlines() or [repr(exc)]
-        first_error = next((ln for ln in lines if "error" in ln.lower()), lines[-1])
-        _error = (f"the compiled backend could not be built ({type(exc).__name__}: "
-                  f"{first_error.strip()}); it needs a C++ compiler and ninja (pip install ninja)")
-        raise RuntimeError(_error) from exc
-    return _module
+    return EXTENSION.load()
 
 
 def release_cache() -> int:
     """Free the buffers the compiled loops keep for reuse (the C++ side recycles freed (T, ...)
     buffers of 1 MiB and more, up to 1 GiB in all, so that the next call of the same shape skips
     the page faults of fresh memory); returns the bytes freed. Nothing to do if never built."""
-    return _module.release_cache() if _module is not None else 0
+    return EXTENSION.module.release_cache() if EXTENSION.module is not None else 0
 
 
 def available() -> bool:
     """Whether the compiled backend can serve (builds it on first call)."""
-    try:
-        load()
-    except RuntimeError:
-        return False
-    return True
+    return EXTENSION.available()
 
 
 def unavailable_reason() -> str | None:
     """Why the compiled backend cannot serve, or None if it can (builds it on first call)."""
-    return None if available() else _error
+    return EXTENSION.unavailable_reason()
 
 
 def recurrence(cell, wx, r, state0, bias_hn=None, nonlinearity="tanh"):
