@@ -14,7 +14,7 @@ from recurra.ops.ssd import ssd_reference
 pytestmark = pytest.mark.skipif(not compiled.EXTENSION.available(),
                                 reason="the C++ inference kernels cannot be built here")
 
-TOL = {torch.float64: dict(atol=1e-11, rtol=1e-9), torch.float32: dict(atol=2e-4, rtol=1e-4)}
+TOL = {torch.float64: {"atol": 1e-11, "rtol": 1e-9}, torch.float32: {"atol": 2e-4, "rtol": 1e-4}}
 
 
 def _strided(t: torch.Tensor, gen) -> torch.Tensor:
@@ -60,8 +60,8 @@ def test_ssd_forward_stays_finite_under_strong_decay():
     x = torch.randn(b, T, H, P, generator=gen)
     log_a = torch.full((b, T, H), -30.0)
     B, C = (torch.randn(b, T, 1, N, generator=gen) for _ in range(2))
-    y, h = compiled.ssd_forward(x, log_a, B, C, None, 64)
-    y_ref, h_ref = ssd_reference(x.double(), log_a.double(), B.double(), C.double())
+    y, _ = compiled.ssd_forward(x, log_a, B, C, None, 64)
+    y_ref, _ = ssd_reference(x.double(), log_a.double(), B.double(), C.double())
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
 
@@ -117,12 +117,12 @@ def test_gated_rms_norm_equals_torch_ops():
 
 
 LAYERS = [
-    ("mamba2", dict(d_state=8, head_dim=4, chunk_size=8)),
-    ("mamba2", dict(d_state=8, head_dim=4, chunk_size=8, n_groups=2, conv_kernel=3,
-                    decay_scale=2.0, insert_scale=0.5)),
-    ("linear_attention", dict(heads=2)),
-    ("linear_attention", dict(heads=2, feature_map="identity")),
-    ("linear_attention", dict(heads=2, normalize=False)),
+    ("mamba2", {"d_state": 8, "head_dim": 4, "chunk_size": 8}),
+    ("mamba2", {"d_state": 8, "head_dim": 4, "chunk_size": 8, "n_groups": 2, "conv_kernel": 3,
+                "decay_scale": 2.0, "insert_scale": 0.5}),
+    ("linear_attention", {"heads": 2}),
+    ("linear_attention", {"heads": 2, "feature_map": "identity"}),
+    ("linear_attention", {"heads": 2, "normalize": False}),
 ]
 
 
