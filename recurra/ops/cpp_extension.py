@@ -8,6 +8,7 @@ it can serve and ``unavailable_reason()`` why not; ``load()`` raises with that r
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -17,6 +18,14 @@ CSRC = Path(__file__).with_name("csrc")
 # -ffast-math lets GCC vectorise exp/tanh/log1p through glibc's vector math library; it is not
 # passed to the linker, so the process's floating-point mode (denormals) is left alone.
 BASE_CFLAGS = ["-O3", "-march=native", "-ffast-math"]
+
+
+def headers_digest() -> str:
+    """A short digest of the shared headers in csrc/."""
+    digest = hashlib.sha1()
+    for header in sorted(CSRC.glob("*.h")):
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 class CompiledExtension:
@@ -52,7 +61,11 @@ class CompiledExtension:
                 print(f"recurra: compiling the C++ {self.what} (once per machine, ~1 min)",
                       file=sys.stderr, flush=True)
             cflags = BASE_CFLAGS + (["-fopenmp"] if self.openmp else ["-fopenmp-simd"])
-            self.module = build(name=self.name, sources=[str(p) for p in self.sources], extra_cflags=cflags,
+            # torch rebuilds when a source or a flag changes: the headers' digest as a flag
+            # makes a header change rebuild too
+            cflags.append(f"-DRECURRA_HEADERS={headers_digest()}")
+            self.module = build(name=self.name, sources=[str(p) for p in self.sources],
+                                extra_cflags=cflags, extra_include_paths=[str(CSRC)],
                                 extra_ldflags=["-fopenmp"] if self.openmp else [],
                                 verbose=False)
         except Exception as exc:  # compiler, ninja or headers missing

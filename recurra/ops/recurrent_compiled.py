@@ -19,7 +19,7 @@ from .cpp_extension import CompiledExtension
 from .recurrent_fused import weight_grad
 
 EXTENSION = CompiledExtension("recurra_recurrent_cells", ("recurrent_cells.cpp",),
-                              "recurrent kernels")
+                              "recurrent kernels", openmp=True)
 
 
 def load():

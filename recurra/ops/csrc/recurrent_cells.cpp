@@ -11,6 +11,9 @@
 // initial state; the caller forms the recurrent-weight gradient with one batched matmul.
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include "rows_gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -189,45 +192,74 @@ void check_steps(const Tensor& wx, const Tensor& r, int64_t gates) {
 }
 
 // ------------------------------------------------------------------------------------- Elman
+// The Elman loops split the batch: each (head, slice of rows) is a task that runs the whole time
+// loop on its own rows (the rows of a batch never interact), its per-step product a small
+// register-blocked matmul (rows_gemm.h) against the recurrent weight, which stays in that core's
+// cache. No thread waits for another between steps, as a threaded BLAS call per step would.
+
+// out (R x W, leading dim ldo) = a (R x K, lda) @ m (K x W, ldm)
+template <typename T>
+void rows_product(T* out, int64_t ldo, const T* a, int64_t lda, const T* m, int64_t ldm,
+                  int64_t R, int64_t K, int64_t W) {
+  const int64_t r8 = (R / 8) * 8;
+  if (r8) recurra::rows_gemm<T, 8, 2>(out, ldo, a, lda, m, ldm, r8, K, W, false, false);
+  if (R > r8)
+    recurra::rows_gemm<T, 4, 4>(out + r8 * ldo, ldo, a + r8 * lda, lda, m, ldm, R - r8, K, W,
+                                false, false);
+}
+
+struct RowSlices {
+  int64_t per, count;  // `count` slices of `per` rows (the last may be shorter)
+};
+
+// enough (head, slice) tasks for torch's threads, slices of whole 8-row blocks where possible
+RowSlices split_rows(int64_t N, int64_t B) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(B, (threads + N - 1) / N));
+  int64_t per = (B + want - 1) / want;
+  if (per > 8 && per % 8) per = std::min<int64_t>(B, (per + 7) / 8 * 8);
+  return {per, (B + per - 1) / per};
+}
+
 std::vector<Tensor> elman_forward(Tensor wx, Tensor r, Tensor h0, bool relu) {
   check_steps(wx, r, 1);
   wx = unit_last(wx);
   r = r.contiguous();
+  h0 = h0.contiguous();
   const int64_t T = wx.size(0), N = wx.size(1), B = wx.size(2), dh = wx.size(3);
   Tensor hs = steps_like(wx, dh);
-  Tensor hcur = h0.contiguous().clone();
-  Tensor g = at::empty({N, B, dh}, wx.options());
-  HeadMatmul mm(g, hcur, r);
+  const RowSlices sl = split_rows(N, B);
   AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "elman_forward", [&] {
     Steps<scalar_t> X(wx), H(hs);
-    scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* hc = hcur.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < T; ++t) {
-      mm.run();
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t b = 0; b < B; ++b) {
-          const scalar_t* x = X.row(t, n, b);
-          const scalar_t* gg = gp + (n * B + b) * dh;
-          scalar_t* h = H.row(t, n, b);
-          scalar_t* c = hc + (n * B + b) * dh;
-          if (relu) {
+    const scalar_t* rp = r.data_ptr<scalar_t>();
+    const scalar_t* h0p = h0.data_ptr<scalar_t>();
+    at::parallel_for(0, N * sl.count, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> g(sl.per * dh);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / sl.count, b0 = (task % sl.count) * sl.per;
+        const int64_t rows = std::min(sl.per, B - b0);
+        const scalar_t* rn = rp + n * dh * dh;
+        for (int64_t t = 0; t < T; ++t) {
+          if (t == 0) rows_product(g.data(), dh, h0p + (n * B + b0) * dh, dh, rn, dh, rows, dh, dh);
+          else rows_product(g.data(), dh, H.row(t - 1, n, b0), H.sb, rn, dh, rows, dh, dh);
+          for (int64_t i = 0; i < rows; ++i) {
+            const scalar_t* x = X.row(t, n, b0 + i);
+            const scalar_t* gg = g.data() + i * dh;
+            scalar_t* h = H.row(t, n, b0 + i);
+            if (relu) {
 VECTORIZE
-            for (int64_t d = 0; d < dh; ++d) {
-              scalar_t v = x[d] + gg[d];
-              v = v > 0 ? v : scalar_t(0);
-              h[d] = v;
-              c[d] = v;
-            }
-          } else {
+              for (int64_t d = 0; d < dh; ++d) {
+                const scalar_t v = x[d] + gg[d];
+                h[d] = v > 0 ? v : scalar_t(0);
+              }
+            } else {
 VECTORIZE
-            for (int64_t d = 0; d < dh; ++d) {
-              scalar_t v = std::tanh(x[d] + gg[d]);
-              h[d] = v;
-              c[d] = v;
+              for (int64_t d = 0; d < dh; ++d) h[d] = std::tanh(x[d] + gg[d]);
             }
           }
         }
-    }
+      }
+    });
   });
   return {hs};
 }
@@ -237,33 +269,40 @@ std::vector<Tensor> elman_backward(Tensor dhs, Tensor r, Tensor hs, bool relu) {
   dhs = unit_last(dhs);
   const int64_t T = hs.size(0), N = hs.size(1), B = hs.size(2), dh = hs.size(3);
   Tensor D = steps_like(hs, dh);
-  Tensor dcur = at::empty({N, B, dh}, hs.options());
-  Tensor dhn = at::zeros({N, B, dh}, hs.options());
-  Tensor rT = r.transpose(1, 2);
-  HeadMatmul mm(dhn, dcur, rT);
+  Tensor dh0 = at::empty({N, B, dh}, hs.options());
+  Tensor rT = r.transpose(1, 2).contiguous();
+  const RowSlices sl = split_rows(N, B);
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "elman_backward", [&] {
     Steps<scalar_t> H(hs), DH(dhs), Dv(D);
-    scalar_t* dc = dcur.data_ptr<scalar_t>();
-    const scalar_t* dn = dhn.data_ptr<scalar_t>();
-    for (int64_t t = T - 1; t >= 0; --t) {
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t b = 0; b < B; ++b) {
-          const int64_t o = (n * B + b) * dh;
-          const scalar_t* h = H.row(t, n, b);
-          const scalar_t* gin = DH.row(t, n, b);
-          scalar_t* out = Dv.row(t, n, b);
+    const scalar_t* rtp = rT.data_ptr<scalar_t>();
+    scalar_t* d0 = dh0.data_ptr<scalar_t>();
+    at::parallel_for(0, N * sl.count, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> dn(sl.per * dh);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / sl.count, b0 = (task % sl.count) * sl.per;
+        const int64_t rows = std::min(sl.per, B - b0);
+        const scalar_t* rtn = rtp + n * dh * dh;
+        std::fill(dn.begin(), dn.end(), scalar_t(0));
+        for (int64_t t = T - 1; t >= 0; --t) {
+          for (int64_t i = 0; i < rows; ++i) {
+            const scalar_t* h = H.row(t, n, b0 + i);
+            const scalar_t* gin = DH.row(t, n, b0 + i);
+            const scalar_t* dni = dn.data() + i * dh;
+            scalar_t* out = Dv.row(t, n, b0 + i);
 VECTORIZE
-          for (int64_t d = 0; d < dh; ++d) {
-            scalar_t k = relu ? (h[d] > 0 ? scalar_t(1) : scalar_t(0)) : scalar_t(1) - h[d] * h[d];
-            scalar_t v = (gin[d] + dn[o + d]) * k;
-            out[d] = v;
-            dc[o + d] = v;
+            for (int64_t d = 0; d < dh; ++d) {
+              const scalar_t k =
+                  relu ? (h[d] > 0 ? scalar_t(1) : scalar_t(0)) : scalar_t(1) - h[d] * h[d];
+              out[d] = (gin[d] + dni[d]) * k;
+            }
           }
+          rows_product(dn.data(), dh, Dv.row(t, n, b0), Dv.sb, rtn, dh, rows, dh, dh);
         }
-      mm.run();
-    }
+        std::copy(dn.begin(), dn.begin() + rows * dh, d0 + (n * B + b0) * dh);
+      }
+    });
   });
-  return {D, dhn};
+  return {D, dh0};
 }
 
 // --------------------------------------------------------------------------------------- GRU
