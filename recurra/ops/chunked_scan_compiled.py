@@ -27,7 +27,8 @@ from .cpp_extension import CompiledExtension
 
 EXTENSION = CompiledExtension(
     "recurra_inference_kernels", ("inference_kernels.cpp", "chunked_scan.cpp",
-                                  "mamba2_pointwise.cpp"), "inference kernels", openmp=True)
+                                  "mamba2_pointwise.cpp", "streamed_matmul.cpp"),
+    "inference kernels", openmp=True)
 BACKENDS = ("auto", "torch")
 
 

@@ -1,4 +1,5 @@
-// Bindings of the inference kernels (chunked_scan.cpp, mamba2_pointwise.cpp): one extension.
+// Bindings of the inference kernels (chunked_scan.cpp, mamba2_pointwise.cpp,
+// streamed_matmul.cpp): one extension.
 #include <torch/extension.h>
 
 #include <vector>
@@ -11,6 +12,7 @@ std::vector<torch::Tensor> causal_conv_silu(torch::Tensor u, torch::Tensor state
                                             torch::Tensor weight, torch::Tensor bias,
                                             c10::optional<torch::Tensor> lengths);
 torch::Tensor gated_rms_norm(torch::Tensor y, torch::Tensor z, torch::Tensor weight, double eps);
+torch::Tensor streamed_matmul(torch::Tensor x, torch::Tensor W);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunked_scan_forward", &chunked_scan_forward,
@@ -18,4 +20,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_conv_silu", &causal_conv_silu,
         "Mamba-2's causal depthwise conv + SiLU continuing a conv state, forward only");
   m.def("gated_rms_norm", &gated_rms_norm, "rms_norm(y * silu(z)) * weight, forward only");
+  m.def("streamed_matmul", &streamed_matmul,
+        "x @ W for a few rows of x, W streamed once; row results independent of M");
 }

@@ -1,0 +1,66 @@
+"""recurra.ops.streamed_matmul: x @ W for a few rows, equal to torch's product, each row's result
+independent of the rows computed with it; LlamaLM's use of it."""
+
+import pytest
+import torch
+
+from recurra.ops import chunked_scan_compiled
+from recurra.ops.streamed_matmul import MAX_ROWS, matmul, serves, streamed_matmul
+
+pytestmark = pytest.mark.skipif(not chunked_scan_compiled.EXTENSION.available(),
+                                reason="the C++ inference kernels cannot be built here")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("M,K,N", [(1, 576, 960), (3, 37, 5), (8, 100, 300), (16, 9, 2500),
+                                   (5, 1, 17)])
+def test_equals_torch_matmul(dtype, M, K, N):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=gen, dtype=dtype)
+    W = torch.randn(K, N, generator=gen, dtype=dtype)
+    tol = {"atol": 1e-11, "rtol": 1e-11} if dtype == torch.float64 else {"atol": 1e-4,
+                                                                         "rtol": 1e-5}
+    torch.testing.assert_close(streamed_matmul(x, W), x @ W, **tol)
+
+
+@pytest.mark.parametrize("K,N", [(576, 960), (61, 300), (1536, 70)])
+def test_a_rows_result_does_not_depend_on_the_other_rows(K, N):
+    """Bitwise: each row alone, and inside batches of every size up to MAX_ROWS."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(MAX_ROWS, K, generator=gen)
+    W = torch.randn(K, N, generator=gen)
+    alone = torch.cat([streamed_matmul(x[i:i + 1], W) for i in range(MAX_ROWS)])
+    for m in range(1, MAX_ROWS + 1):
+        assert torch.equal(streamed_matmul(x[:m], W), alone[:m]), f"{m} rows"
+    assert torch.equal(streamed_matmul(x.view(2, 8, K), W), alone.view(2, 8, N))
+
+
+def test_serves_only_small_no_grad_cpu_products():
+    W = torch.randn(8, 4)
+    assert serves(torch.randn(1, 3, 8), W)
+    assert not serves(torch.randn(MAX_ROWS + 1, 8), W)
+    assert not serves(torch.randn(2, 8, dtype=torch.float64), W)  # mixed dtypes
+    Wg = W.clone().requires_grad_()
+    assert not serves(torch.randn(2, 8), Wg)
+    with torch.no_grad():
+        assert serves(torch.randn(2, 8), Wg)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(matmul(x, W, "torch"), x @ W, atol=0, rtol=0)
+
+
+def test_llama_logits_match_the_torch_products_and_rows_are_invariant():
+    from recurra.models.llama import LlamaLM
+
+    torch.manual_seed(0)
+    model = LlamaLM(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                    head_dim=8, intermediate_size=48).eval()
+    tokens = torch.randint(0, 50, (1, 20))
+    with torch.no_grad():
+        _, cache = model(tokens[:, :12])
+        model.matmul_backend = "torch"
+        ref, _ = model(tokens[:, 12:], cache)
+        model.matmul_backend = "auto"
+        got, _ = model(tokens[:, 12:], cache)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="matmul_backend"):
+        model.matmul_backend = "mkl"
