@@ -45,7 +45,8 @@ def test_serves_only_small_no_grad_cpu_products():
     with torch.no_grad():
         assert serves(torch.randn(2, 8), Wg)
     x = torch.randn(2, 8)
-    torch.testing.assert_close(matmul(x, W, "torch"), x @ W, atol=0, rtol=0)
+    torch.testing.assert_close(matmul(x, W, False), x @ W, atol=0, rtol=0)
+    torch.testing.assert_close(matmul(x, W, True), streamed_matmul(x, W), atol=0, rtol=0)
 
 
 def test_llama_logits_match_the_torch_products_and_rows_are_invariant():
@@ -64,3 +65,16 @@ def test_llama_logits_match_the_torch_products_and_rows_are_invariant():
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="matmul_backend"):
         model.matmul_backend = "mkl"
+
+
+def test_llama_training_calls_keep_torch_products_and_gradients():
+    """A partly frozen model in grad mode must not take the forward-only product."""
+    from recurra.models.llama import LlamaLM
+
+    torch.manual_seed(1)
+    model = LlamaLM(vocab_size=40, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                    head_dim=8, intermediate_size=24)
+    model.blocks[0].qkv.requires_grad_(False)
+    logits, _ = model(torch.randint(0, 40, (1, 5)))
+    logits.sum().backward()
+    assert model.blocks[0].down.grad is not None and model.blocks[0].down.grad.abs().sum() > 0

@@ -26,10 +26,10 @@ on a CPU, for decoding:
   configuration and mask machinery;
 - with ``matmul_backend="auto"`` (the default), inference calls of at most 16 tokens (a decoding
   step, a draft tree) run the weight products through ``recurra.ops.streamed_matmul``, which
-  reads each weight once in row order (on the 2-core CPU, (8, 576) @ (576, 3072): 484 us against
-  MKL's 624 us; one row: 270 against 292) and computes every row the same whatever the number of
-  rows, so a token's projections are bitwise the same decoded alone or verified in a tree;
-  ``"torch"`` uses torch's matmul everywhere.
+  reads each weight once in row order (on the 2-core CPU, (8, 576) @ (576, 3072): 486-560 us
+  against MKL's 639-846 us; one row: about equal) and computes every row the same whatever
+  the number of rows, so a token's projections are bitwise the same decoded alone or verified
+  in a tree; ``"torch"`` uses torch's matmul everywhere.
 
 The port copies the weights (it does not share them with the transformers model). A tied output
 head reads the embedding; without gradients, from a transposed copy (the fast layout) that is
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.streamed_matmul import matmul
+from ..ops.streamed_matmul import matmul, serves
 from .transformer_lm import KVCache, check_decoder_inputs, check_kv_cache, rotate_half
 
 
@@ -100,10 +100,10 @@ class LlamaBlock(nn.Module):
     #: "auto" or "torch": how the weight products run (see the module docstring)
     matmul_backend = "auto"
 
-    def forward(self, x, cos, sin, mask, layer_cache):
+    def forward(self, x, cos, sin, mask, layer_cache, mm: bool = False):
+        """``mm``: run the weight products through ``streamed_matmul``."""
         b, t, _ = x.shape
         h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
-        mm = self.matmul_backend
         qkv = matmul(rms_norm(x, self.norm_attn, self.eps), self.qkv, mm)
         q, k, v = qkv.split((h * dh, hkv * dh, hkv * dh), dim=-1)
         q = q.view(b, t, h, dh).transpose(1, 2)
@@ -206,13 +206,19 @@ class LlamaLM(nn.Module):
         cos = self.rope_cos[position_ids].unsqueeze(1)            # (B, 1, T, Dh)
         sin = self.rope_sin[position_ids].unsqueeze(1)
         x = self.embedding(tokens)
+        # one decision per call: the streamed products serve inference calls of a few tokens
+        # (no gradient may be needed through any weight: the streamed product has no backward)
+        streamed = (self.matmul_backend == "auto"
+                    and not (torch.is_grad_enabled()
+                             and any(p.requires_grad for p in self.parameters()))
+                    and serves(x, self.blocks[0].qkv))
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, cos, sin, mask, cache[i] if cache else None)
+            x, layer_cache = block(x, cos, sin, mask, cache[i] if cache else None, streamed)
             new_cache.append(layer_cache)
         hidden = rms_norm(x, self.norm, self.config.rms_norm_eps)
         logits = matmul(hidden[:, -logits_to_keep:] if logits_to_keep else hidden,
-                        self.output_head(), self.matmul_backend)
+                        self.output_head(), streamed)
         if return_hidden:
             return logits, tuple(new_cache), hidden
         return logits, tuple(new_cache)

@@ -29,6 +29,7 @@ MAX_ROWS = 16
 
 
 def serves(x: torch.Tensor, W: torch.Tensor) -> bool:
+    """Whether ``x @ W`` qualifies (see the module docstring)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     return (0 < rows <= MAX_ROWS and W.dim() == 2
             and chunked_scan_compiled.serves("auto", x, W))
@@ -41,8 +42,8 @@ def streamed_matmul(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], W.shape[1])
 
 
-def matmul(x: torch.Tensor, W: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``x @ W``: streamed when ``backend="auto"`` and ``serves(x, W)``, else torch's."""
-    if backend == "auto" and serves(x, W):
-        return streamed_matmul(x, W)
-    return x @ W
+def matmul(x: torch.Tensor, W: torch.Tensor, streamed: bool) -> torch.Tensor:
+    """``x @ W``, streamed when ``streamed`` (decided once per model call, by ``serves`` on one
+    of its products: the check costs tens of microseconds, a product of a small model little
+    more)."""
+    return streamed_matmul(x, W) if streamed else x @ W

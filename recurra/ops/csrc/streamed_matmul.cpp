@@ -1,9 +1,10 @@
 // x @ W for a few rows of x (decoding and verifying a handful of tokens), with W (K x N)
-// streamed from memory once: for each block of 8 rows of W, every 16-column vector of the output
-// is updated for all rows of x, so the weight (the bytes that dominate at small M) is read in
-// row order, which the hardware prefetcher follows, and each output element accumulates the same
-// fused multiply-adds in the same order (k = 0, 1, ..., K-1) whatever the number of rows or the
-// split across threads: a row's result does not depend on the rows computed with it.
+// streamed from memory once. The threads split W's rows (K) into contiguous blocks; each reads
+// its block eight rows at a time, tile by tile of 256 columns (the tile's slice of those rows
+// stays in L1 while every row of x uses it), into its own partial sums, which are added in
+// thread order at the end. Each output element is one chain of fused multiply-adds in k order
+// per block, whatever the number of rows of x: a row's result does not depend on the rows
+// computed with it (for a given thread count).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
