@@ -15,6 +15,11 @@ or no input requires grad), on the CPU, in float32 or float64. The layers call i
 reference loops. The extension is built on first use (see ``recurra.ops.cpp_extension``); when
 it cannot be built, ``backend="auto"`` warns once (``CompiledScanWarning``) and runs the torch
 ops, which compute the same numbers more slowly.
+
+The same extension (``EXTENSION``, "recurra_inference_kernels") also holds Mamba-2's one-pass
+conv + SiLU and gated RMSNorm (``causal_conv_silu``, ``gated_rms_norm`` below,
+``csrc/mamba2_pointwise.cpp``) and the few-row product of ``recurra.ops.streamed_matmul``; all of
+them are forward-only and share ``serves``.
 """
 
 from __future__ import annotations
