@@ -221,6 +221,18 @@ RowSlices split_rows(int64_t N, int64_t B) {
   return {per, (B + per - 1) / per};
 }
 
+// fn(n, b0, rows) for every (head n, rows b0 .. b0+rows-1) task, the tasks on torch's threads
+template <typename F>
+void for_row_slices(int64_t N, int64_t B, const F& fn) {
+  const RowSlices sl = split_rows(N, B);
+  at::parallel_for(0, N * sl.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / sl.count, b0 = (task % sl.count) * sl.per;
+      fn(n, b0, std::min(sl.per, B - b0));
+    }
+  });
+}
+
 std::vector<Tensor> elman_forward(Tensor wx, Tensor r, Tensor h0, bool relu) {
   check_steps(wx, r, 1);
   wx = unit_last(wx);
@@ -228,34 +240,29 @@ std::vector<Tensor> elman_forward(Tensor wx, Tensor r, Tensor h0, bool relu) {
   h0 = h0.contiguous();
   const int64_t T = wx.size(0), N = wx.size(1), B = wx.size(2), dh = wx.size(3);
   Tensor hs = steps_like(wx, dh);
-  const RowSlices sl = split_rows(N, B);
   AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "elman_forward", [&] {
     Steps<scalar_t> X(wx), H(hs);
     const scalar_t* rp = r.data_ptr<scalar_t>();
     const scalar_t* h0p = h0.data_ptr<scalar_t>();
-    at::parallel_for(0, N * sl.count, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> g(sl.per * dh);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / sl.count, b0 = (task % sl.count) * sl.per;
-        const int64_t rows = std::min(sl.per, B - b0);
-        const scalar_t* rn = rp + n * dh * dh;
-        for (int64_t t = 0; t < T; ++t) {
-          if (t == 0) rows_product(g.data(), dh, h0p + (n * B + b0) * dh, dh, rn, dh, rows, dh, dh);
-          else rows_product(g.data(), dh, H.row(t - 1, n, b0), H.sb, rn, dh, rows, dh, dh);
-          for (int64_t i = 0; i < rows; ++i) {
-            const scalar_t* x = X.row(t, n, b0 + i);
-            const scalar_t* gg = g.data() + i * dh;
-            scalar_t* h = H.row(t, n, b0 + i);
-            if (relu) {
+    for_row_slices(N, B, [&](int64_t n, int64_t b0, int64_t rows) {
+      std::vector<scalar_t> g(rows * dh);
+      const scalar_t* rn = rp + n * dh * dh;
+      for (int64_t t = 0; t < T; ++t) {
+        if (t == 0) rows_product(g.data(), dh, h0p + (n * B + b0) * dh, dh, rn, dh, rows, dh, dh);
+        else rows_product(g.data(), dh, H.row(t - 1, n, b0), H.sb, rn, dh, rows, dh, dh);
+        for (int64_t i = 0; i < rows; ++i) {
+          const scalar_t* x = X.row(t, n, b0 + i);
+          const scalar_t* gg = g.data() + i * dh;
+          scalar_t* h = H.row(t, n, b0 + i);
+          if (relu) {
 VECTORIZE
-              for (int64_t d = 0; d < dh; ++d) {
-                const scalar_t v = x[d] + gg[d];
-                h[d] = v > 0 ? v : scalar_t(0);
-              }
-            } else {
-VECTORIZE
-              for (int64_t d = 0; d < dh; ++d) h[d] = std::tanh(x[d] + gg[d]);
+            for (int64_t d = 0; d < dh; ++d) {
+              const scalar_t v = x[d] + gg[d];
+              h[d] = v > 0 ? v : scalar_t(0);
             }
+          } else {
+VECTORIZE
+            for (int64_t d = 0; d < dh; ++d) h[d] = std::tanh(x[d] + gg[d]);
           }
         }
       }
@@ -271,35 +278,29 @@ std::vector<Tensor> elman_backward(Tensor dhs, Tensor r, Tensor hs, bool relu) {
   Tensor D = steps_like(hs, dh);
   Tensor dh0 = at::empty({N, B, dh}, hs.options());
   Tensor rT = r.transpose(1, 2).contiguous();
-  const RowSlices sl = split_rows(N, B);
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "elman_backward", [&] {
     Steps<scalar_t> H(hs), DH(dhs), Dv(D);
     const scalar_t* rtp = rT.data_ptr<scalar_t>();
     scalar_t* d0 = dh0.data_ptr<scalar_t>();
-    at::parallel_for(0, N * sl.count, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> dn(sl.per * dh);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / sl.count, b0 = (task % sl.count) * sl.per;
-        const int64_t rows = std::min(sl.per, B - b0);
-        const scalar_t* rtn = rtp + n * dh * dh;
-        std::fill(dn.begin(), dn.end(), scalar_t(0));
-        for (int64_t t = T - 1; t >= 0; --t) {
-          for (int64_t i = 0; i < rows; ++i) {
-            const scalar_t* h = H.row(t, n, b0 + i);
-            const scalar_t* gin = DH.row(t, n, b0 + i);
-            const scalar_t* dni = dn.data() + i * dh;
-            scalar_t* out = Dv.row(t, n, b0 + i);
+    for_row_slices(N, B, [&](int64_t n, int64_t b0, int64_t rows) {
+      std::vector<scalar_t> dn(rows * dh, scalar_t(0));
+      const scalar_t* rtn = rtp + n * dh * dh;
+      for (int64_t t = T - 1; t >= 0; --t) {
+        for (int64_t i = 0; i < rows; ++i) {
+          const scalar_t* h = H.row(t, n, b0 + i);
+          const scalar_t* gin = DH.row(t, n, b0 + i);
+          const scalar_t* dni = dn.data() + i * dh;
+          scalar_t* out = Dv.row(t, n, b0 + i);
 VECTORIZE
-            for (int64_t d = 0; d < dh; ++d) {
-              const scalar_t k =
-                  relu ? (h[d] > 0 ? scalar_t(1) : scalar_t(0)) : scalar_t(1) - h[d] * h[d];
-              out[d] = (gin[d] + dni[d]) * k;
-            }
+          for (int64_t d = 0; d < dh; ++d) {
+            const scalar_t k =
+                relu ? (h[d] > 0 ? scalar_t(1) : scalar_t(0)) : scalar_t(1) - h[d] * h[d];
+            out[d] = (gin[d] + dni[d]) * k;
           }
-          rows_product(dn.data(), dh, Dv.row(t, n, b0), Dv.sb, rtn, dh, rows, dh, dh);
         }
-        std::copy(dn.begin(), dn.begin() + rows * dh, d0 + (n * B + b0) * dh);
+        rows_product(dn.data(), dh, Dv.row(t, n, b0), Dv.sb, rtn, dh, rows, dh, dh);
       }
+      std::copy(dn.begin(), dn.begin() + rows * dh, d0 + (n * B + b0) * dh);
     });
   });
   return {D, dh0};
