@@ -198,3 +198,24 @@ def test_bad_backend_raises():
     for name in ("mamba2", "linear_attention"):
         with pytest.raises(ValueError, match="backend must be one of"):
             build(name, 16, backend="cuda")
+
+
+def test_jrt_decoder_with_elu_takes_the_inference_path_with_the_same_numbers(monkeypatch):
+    """PrefixLinearAttention runs its causal part through LinearAttention's forward."""
+    calls = []
+    real = compiled.linear_attention_forward
+    monkeypatch.setattr(compiled, "linear_attention_forward",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(3)
+    layer = build("jrt", 16, heads=2, feature_map="elu", prefix_length=5).double()
+    x = torch.randn(2, 19, 16, dtype=torch.float64)
+    with torch.no_grad():
+        layer.backend = "torch"
+        y_t, s_t = layer(x)
+        assert not calls
+        layer.backend = "auto"
+        y_a, s_a = layer(x)
+        assert calls, "the inference path was not taken"
+    torch.testing.assert_close(y_a, y_t, **TOL[torch.float64])
+    for a, t in zip(s_a, s_t):
+        torch.testing.assert_close(a, t, **TOL[torch.float64])

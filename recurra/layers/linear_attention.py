@@ -134,7 +134,6 @@ class LinearAttention(RecurrentLayer):
         y, state = self._attend(q, k, v, state)
         return self._merge(y, mask), state
 
-
     def _forward_compiled(self, x, state, mask):
         """The inference path: one projection for q, k, v, read per head in place by the
         compiled scan, and its output merged for free."""
