@@ -8,17 +8,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "rows_gemm.h"
+
 #include <algorithm>
 #include <cstdint>
 
 namespace {
-
-template <typename T>
-struct Vec16 {
-  static constexpr int lanes = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
-  typedef T unaligned __attribute__((vector_size(64), aligned(alignof(T))));
-};
 
 constexpr int64_t kBlockK = 8;    // rows of W read together
 constexpr int kVecs = 8;          // output vectors updated together (independent FMA chains)
@@ -31,9 +26,9 @@ constexpr int64_t kTile = 256;    // output columns per tile: its slice of the k
 template <typename T>
 void streamed_rows(T* acc, const T* x, const T* W, int64_t M, int64_t K, int64_t N, int64_t k0,
                    int64_t k1) {
-  using V = typename Vec16<T>::type;
-  using U = typename Vec16<T>::unaligned;
-  constexpr int L = Vec16<T>::lanes;
+  using V = typename recurra::Vec<T>::type;
+  using U = typename recurra::Vec<T>::unaligned;
+  constexpr int L = recurra::Vec<T>::lanes;
   for (int64_t kb0 = k0; kb0 < k1; kb0 += kBlockK) {
     const int64_t kb = std::min<int64_t>(kBlockK, k1 - kb0);
     const bool first = kb0 == k0;
