@@ -49,32 +49,21 @@ def test_serves_only_small_no_grad_cpu_products():
     torch.testing.assert_close(matmul(x, W, True), streamed_matmul(x, W), atol=0, rtol=0)
 
 
-def test_llama_logits_match_the_torch_products_and_rows_are_invariant():
-    from recurra.models.llama import LlamaLM
+def test_packed_copy_is_kept_and_follows_in_place_changes():
+    from recurra.ops.streamed_matmul import pack_panels, packed
 
-    torch.manual_seed(0)
-    model = LlamaLM(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                    head_dim=8, intermediate_size=48).eval()
-    tokens = torch.randint(0, 50, (1, 20))
+    gen = torch.Generator().manual_seed(2)
+    W = torch.randn(40, 70, generator=gen)
+    first = packed(W)
+    assert packed(W) is first  # cached
+    panels = pack_panels(W)
+    assert panels.shape == (3, 40, 32)
+    torch.testing.assert_close(panels.transpose(0, 1).reshape(40, 96)[:, :70], W, atol=0, rtol=0)
+    assert panels[-1, :, 6:].abs().sum() == 0  # the last panel's padding
+    x = torch.randn(3, 40, generator=gen)
     with torch.no_grad():
-        _, cache = model(tokens[:, :12])
-        model.matmul_backend = "torch"
-        ref, _ = model(tokens[:, 12:], cache)
-        model.matmul_backend = "auto"
-        got, _ = model(tokens[:, 12:], cache)
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="matmul_backend"):
-        model.matmul_backend = "mkl"
-
-
-def test_llama_training_calls_keep_torch_products_and_gradients():
-    """A partly frozen model in grad mode must not take the forward-only product."""
-    from recurra.models.llama import LlamaLM
-
-    torch.manual_seed(1)
-    model = LlamaLM(vocab_size=40, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
-                    head_dim=8, intermediate_size=24)
-    model.blocks[0].qkv.requires_grad_(False)
-    logits, _ = model(torch.randint(0, 40, (1, 5)))
-    logits.sum().backward()
-    assert model.blocks[0].down.grad is not None and model.blocks[0].down.grad.abs().sum() > 0
+        W.mul_(2.0)  # in place: a new version
+    assert packed(W) is not first
+    torch.testing.assert_close(streamed_matmul(x, W), x @ W, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="share K"):
+        streamed_matmul(torch.randn(2, 41), W)

@@ -24,12 +24,13 @@ on a CPU, for decoding:
   rows: about the same in both);
 - the rotary tables are computed once, not at every call, and there is no per-call
   configuration and mask machinery;
-- with ``matmul_backend="auto"`` (the default), inference calls of at most 16 tokens (a decoding
-  step, a draft tree) run the weight products through ``recurra.ops.streamed_matmul``, which
-  reads each weight once in row order (on the 2-core CPU, (8, 576) @ (576, 3072): 486-560 us
-  against MKL's 639-846 us; one row: about equal) and computes every row the same whatever
-  the number of rows, so a token's projections are bitwise the same decoded alone or verified
-  in a tree; ``"torch"`` uses torch's matmul everywhere.
+- with ``backend="auto"`` (the default), inference calls of at most 32 rows (batch x tokens: a
+  decoding step, a draft tree, a few beams) run the whole forward in one compiled call
+  (:mod:`recurra.ops.llama_decode`): no per-op dispatch, the products streamed from packed
+  weights (8 rows cost 1.05-1.2x one row instead of MKL's 1.7-2.3x), and every row computed
+  independently of the others, so a token's logits are bitwise the same decoded alone or
+  verified inside a draft tree. ``"torch"`` runs the torch forward below (the reference)
+  everywhere; training calls always do.
 
 The port copies the weights (it does not share them with the transformers model). A tied output
 head reads the embedding; without gradients, from a transposed copy (the fast layout) that is
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.streamed_matmul import matmul, serves
+from ..ops import llama_decode
 from .transformer_lm import KVCache, check_decoder_inputs, check_kv_cache, rotate_half
 
 
@@ -97,14 +98,10 @@ class LlamaBlock(nn.Module):
         for w in (self.qkv, self.out, self.gate_up, self.down):
             nn.init.normal_(w, std=0.02)
 
-    #: "auto" or "torch": how the weight products run (see the module docstring)
-    matmul_backend = "auto"
-
-    def forward(self, x, cos, sin, mask, layer_cache, mm: bool = False):
-        """``mm``: run the weight products through ``streamed_matmul``."""
+    def forward(self, x, cos, sin, mask, layer_cache):
         b, t, _ = x.shape
         h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = matmul(rms_norm(x, self.norm_attn, self.eps), self.qkv, mm)
+        qkv = rms_norm(x, self.norm_attn, self.eps) @ self.qkv
         q, k, v = qkv.split((h * dh, hkv * dh, hkv * dh), dim=-1)
         q = q.view(b, t, h, dh).transpose(1, 2)
         k = k.view(b, t, hkv, dh).transpose(1, 2)
@@ -118,9 +115,9 @@ class LlamaBlock(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if mask is None else mask.unsqueeze(1), is_causal=causal,
             scale=1.0 / math.sqrt(dh), enable_gqa=hkv != h)
-        x = x + matmul(y.transpose(1, 2).reshape(b, t, h * dh), self.out, mm)
-        gate, up = matmul(rms_norm(x, self.norm_mlp, self.eps), self.gate_up, mm).chunk(2, dim=-1)
-        return x + matmul(F.silu(gate) * up, self.down, mm), (k, v)
+        x = x + y.transpose(1, 2).reshape(b, t, h * dh) @ self.out
+        gate, up = (rms_norm(x, self.norm_mlp, self.eps) @ self.gate_up).chunk(2, dim=-1)
+        return x + (F.silu(gate) * up) @ self.down, (k, v)
 
 
 class LlamaLM(nn.Module):
@@ -153,21 +150,23 @@ class LlamaLM(nn.Module):
         self.head = (None if tie_weights
                      else nn.Parameter(torch.empty(d_model, vocab_size).normal_(std=0.02)))
         self._tied_copy: tuple | None = None
+        self._backend = "auto"
+        self._packed: tuple | None = None
         cos, sin = rope_tables(head_dim, max_len, rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @property
-    def matmul_backend(self) -> str:
-        """``"auto"`` (default) or ``"torch"``: how the weight products run (module docstring)."""
-        return self.blocks[0].matmul_backend
+    def backend(self) -> str:
+        """``"auto"`` (default) or ``"torch"``: whether inference calls of a few tokens run the
+        compiled forward (module docstring)."""
+        return self._backend
 
-    @matmul_backend.setter
-    def matmul_backend(self, value: str) -> None:
+    @backend.setter
+    def backend(self, value: str) -> None:
         if value not in ("auto", "torch"):
-            raise ValueError(f"matmul_backend must be 'auto' or 'torch', got {value!r}")
-        for block in self.blocks:
-            block.matmul_backend = value
+            raise ValueError(f"backend must be 'auto' or 'torch', got {value!r}")
+        self._backend = value
 
     def output_head(self) -> torch.Tensor:
         """The (d_model, vocab) output matrix. Tied: the embedding's transpose, a view when
@@ -182,6 +181,21 @@ class LlamaLM(nn.Module):
         if self._tied_copy is None or self._tied_copy[0] != key:
             self._tied_copy = (key, w.detach().t().contiguous())
         return self._tied_copy[1]
+
+    _WEIGHT_NAMES = ("norm_attn", "qkv", "out", "norm_mlp", "gate_up", "down")
+
+    def _compiled_weights(self) -> llama_decode.PackedLlama:
+        """The compiled forward's weights (packed copies), kept while every weight's version
+        and storage are unchanged (checked per call: tens of microseconds, where gathering and
+        looking up the packed weights one by one took about a millisecond)."""
+        tensors = [b._parameters[n] for b in self.blocks for n in self._WEIGHT_NAMES]
+        tensors += [self.norm, self.embedding.weight if self.head is None else self.head]
+        key = tuple((t._version, t.data_ptr()) for t in tensors)
+        if self._packed is None or self._packed[0] != key:
+            layers = [tensors[6 * i:6 * i + 6] for i in range(len(self.blocks))]
+            self._packed = (key, llama_decode.pack_weights(layers, self.norm,
+                                                           self.output_head()))
+        return self._packed[1]
 
     def _apply(self, fn, recurse=True):  # .double() / .to(): the rotary tables follow, exactly
         super()._apply(fn, recurse)
@@ -203,22 +217,22 @@ class LlamaLM(nn.Module):
             self.config.vocab_size, self.config.max_len)
         if mask is not None and past == 0 and attention_mask is None:
             mask = None  # a prefill: SDPA's causal kernel
+        x = self.embedding(tokens)
+        if (self._backend == "auto" and not (torch.is_grad_enabled()
+                                             and any(p.requires_grad for p in self.parameters()))
+                and llama_decode.serves(x, self.norm)):
+            return llama_decode.llama_decode(
+                x, self.rope_cos[position_ids], self.rope_sin[position_ids], mask,
+                cache or (), self._compiled_weights(), self.config.n_heads,
+                self.config.n_kv_heads, self.config.rms_norm_eps, logits_to_keep, return_hidden)
         cos = self.rope_cos[position_ids].unsqueeze(1)            # (B, 1, T, Dh)
         sin = self.rope_sin[position_ids].unsqueeze(1)
-        x = self.embedding(tokens)
-        # one decision per call: the streamed products serve inference calls of a few tokens
-        # (no gradient may be needed through any weight: the streamed product has no backward)
-        streamed = (self.matmul_backend == "auto"
-                    and not (torch.is_grad_enabled()
-                             and any(p.requires_grad for p in self.parameters()))
-                    and serves(x, self.blocks[0].qkv))
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, cos, sin, mask, cache[i] if cache else None, streamed)
+            x, layer_cache = block(x, cos, sin, mask, cache[i] if cache else None)
             new_cache.append(layer_cache)
         hidden = rms_norm(x, self.norm, self.config.rms_norm_eps)
-        logits = matmul(hidden[:, -logits_to_keep:] if logits_to_keep else hidden,
-                        self.output_head(), streamed)
+        logits = (hidden[:, -logits_to_keep:] if logits_to_keep else hidden) @ self.output_head()
         if return_hidden:
             return logits, tuple(new_cache), hidden
         return logits, tuple(new_cache)

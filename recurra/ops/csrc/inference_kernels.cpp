@@ -1,5 +1,5 @@
 // Bindings of the inference kernels (chunked_scan.cpp, mamba2_pointwise.cpp,
-// streamed_matmul.cpp): one extension.
+// streamed_matmul.cpp, llama_decode.cpp): one extension.
 #include <torch/extension.h>
 
 #include <vector>
@@ -12,7 +12,12 @@ std::vector<torch::Tensor> causal_conv_silu(torch::Tensor u, torch::Tensor state
                                             torch::Tensor weight, torch::Tensor bias,
                                             c10::optional<torch::Tensor> lengths);
 torch::Tensor gated_rms_norm(torch::Tensor y, torch::Tensor z, torch::Tensor weight, double eps);
-torch::Tensor streamed_matmul(torch::Tensor x, torch::Tensor W);
+torch::Tensor streamed_matmul(torch::Tensor x, torch::Tensor panels, int64_t N);
+std::vector<torch::Tensor> llama_decode(
+    torch::Tensor x, torch::Tensor cos, torch::Tensor sin, c10::optional<torch::Tensor> mask,
+    std::vector<torch::Tensor> cache, std::vector<torch::Tensor> weights, torch::Tensor norm,
+    torch::Tensor head, int64_t vocab, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+    int64_t intermediate, double eps, int64_t logits_to_keep, bool return_hidden);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunked_scan_forward", &chunked_scan_forward,
@@ -21,5 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Mamba-2's causal depthwise conv + SiLU continuing a conv state, forward only");
   m.def("gated_rms_norm", &gated_rms_norm, "rms_norm(y * silu(z)) * weight, forward only");
   m.def("streamed_matmul", &streamed_matmul,
-        "x @ W for a few rows of x, W streamed once; row results independent of M");
+        "x @ W for a few rows of x, W packed in column panels and streamed once; row results "
+        "independent of M");
+  m.def("llama_decode", &llama_decode,
+        "LlamaLM's forward for a few tokens in one call (forward only; rows independent)");
 }
