@@ -7,7 +7,7 @@ measured table; drafters use :meth:`gain` to pick draft sizes and adapters pad a
 cheapest size that holds it (:meth:`padded_sizes`).
 
 :data:`CPU_2CORE_SMOLLM2` is the table measured on the project's 2-core CPU machines for
-SmolLM2-135M (fp32, 2 threads, 200-token cache; see docs/decoding.md); :func:`measure` measures
+SmolLM2-135M through ``LlamaLM`` (fp32, 2 threads, 200-token cache; see docs/decoding.md); :func:`measure` measures
 a table for any adapter.
 """
 
@@ -61,9 +61,10 @@ class VerifyCost:
         return expected_tokens / self.effective(k)
 
 
-#: measured on the 2-core CPU (SmolLM2-135M-Instruct fp32, 2 threads, 200-token KV cache)
-CPU_2CORE_SMOLLM2 = VerifyCost({1: 1.00, 2: 1.61, 3: 1.99, 4: 1.60, 8: 1.62, 11: 2.14,
-                                16: 1.95, 24: 2.37, 32: 2.77, 64: 4.19, 96: 5.42})
+#: measured on the 2-core CPU (SmolLM2-135M-Instruct fp32 through LlamaLM's compiled few-token
+#: forward, 2 threads, 200-token KV cache, best-first trees; 2026-11-27, ``recurra bench decode``)
+CPU_2CORE_SMOLLM2 = VerifyCost({1: 1.00, 2: 1.08, 3: 1.13, 4: 1.15, 6: 1.21, 8: 1.29, 12: 1.40,
+                                16: 1.74, 24: 2.15, 32: 2.67})
 
 
 @torch.no_grad()

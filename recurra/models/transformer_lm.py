@@ -276,7 +276,10 @@ def cache_length(cache: KVCache | None) -> int:
 
 
 def crop_cache(cache: KVCache, length: int) -> KVCache:
-    """Keep the first ``length`` tokens of every layer's cache."""
+    """Keep the first ``length`` tokens of every layer's cache (the cache itself when it holds
+    exactly that many: a plain decoding step's commit costs nothing)."""
+    if not cache or cache[0][0].shape[2] == length:
+        return cache
     return tuple((k[:, :, :length], v[:, :, :length]) for k, v in cache)
 
 
