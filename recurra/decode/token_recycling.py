@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..ops.top_k import top_k
 from .cost_model import CPU_2CORE_SMOLLM2, VerifyCost
 from .speculative import Drafter
 from .tree import DraftTree, TreeTemplate
@@ -152,7 +153,7 @@ class TokenRecycling(Drafter):
         if not self.warm_start or logits is None or not len(logits):
             return
         k = min(self.k, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices.cpu().numpy()
+        top = top_k(logits, k).cpu().numpy()
         tokens = np.asarray(prompt[:len(top)], dtype=np.int64)
         # np.unique on the reversed tokens: the first index there is the latest occurrence
         unique, last_rev = np.unique(tokens[::-1], return_index=True)
@@ -253,7 +254,7 @@ class TokenRecycling(Drafter):
 
     def update(self, tree: DraftTree, logits: torch.Tensor, path, emitted) -> None:
         k = min(self.k, logits.shape[-1])  # a vocabulary smaller than k keeps zeros beyond
-        top = logits.topk(k, dim=-1).indices.cpu().numpy()
+        top = top_k(logits, k).cpu().numpy()
         tokens = np.asarray(tree.tokens)
         if len(tokens) == 1:
             self.matrix[tokens[0], :k] = top[0]

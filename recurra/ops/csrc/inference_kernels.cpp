@@ -1,5 +1,5 @@
 // Bindings of the inference kernels (chunked_scan.cpp, mamba2_pointwise.cpp,
-// streamed_matmul.cpp, llama_decode.cpp): one extension.
+// streamed_matmul.cpp, llama_decode.cpp, top_k.cpp): one extension.
 #include <torch/extension.h>
 
 #include <vector>
@@ -19,6 +19,8 @@ std::vector<torch::Tensor> llama_decode(
     torch::Tensor head, int64_t vocab, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
     int64_t intermediate, double eps, int64_t logits_to_keep, bool return_hidden);
 
+torch::Tensor top_k_rows(torch::Tensor x, int64_t k);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunked_scan_forward", &chunked_scan_forward,
         "chunked scalar-decay linear recurrence (SSD / linear attention), forward only");
@@ -30,4 +32,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "independent of M");
   m.def("llama_decode", &llama_decode,
         "LlamaLM's forward for a few tokens in one call (forward only; rows independent)");
+  m.def("top_k_rows", &top_k_rows, "indices of each row's k largest entries, by value");
 }
