@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from recurra.ops import chunked_scan_compiled
-from recurra.ops.streamed_matmul import MAX_ROWS, matmul, serves, streamed_matmul
+from recurra.ops.streamed_matmul import MAX_ROWS, serves, streamed_matmul
 
 pytestmark = pytest.mark.skipif(not chunked_scan_compiled.EXTENSION.available(),
                                 reason="the C++ inference kernels cannot be built here")
@@ -32,7 +32,7 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(K, N):
     alone = torch.cat([streamed_matmul(x[i:i + 1], W) for i in range(MAX_ROWS)])
     for m in range(1, MAX_ROWS + 1):
         assert torch.equal(streamed_matmul(x[:m], W), alone[:m]), f"{m} rows"
-    assert torch.equal(streamed_matmul(x.view(2, 8, K), W), alone.view(2, 8, N))
+    assert torch.equal(streamed_matmul(x.view(-1, 8, K), W), alone.view(-1, 8, N))
 
 
 def test_serves_only_small_no_grad_cpu_products():
@@ -44,9 +44,6 @@ def test_serves_only_small_no_grad_cpu_products():
     assert not serves(torch.randn(2, 8), Wg)
     with torch.no_grad():
         assert serves(torch.randn(2, 8), Wg)
-    x = torch.randn(2, 8)
-    torch.testing.assert_close(matmul(x, W, False), x @ W, atol=0, rtol=0)
-    torch.testing.assert_close(matmul(x, W, True), streamed_matmul(x, W), atol=0, rtol=0)
 
 
 def test_packed_copy_is_kept_and_follows_in_place_changes():

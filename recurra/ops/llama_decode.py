@@ -32,14 +32,13 @@ from typing import NamedTuple
 import torch
 
 from . import chunked_scan_compiled
-from .streamed_matmul import packed
+from .streamed_matmul import MAX_ROWS, packed
 
-#: calls of up to this many rows (batch x new tokens) run compiled (a prefill runs torch's)
-MAX_ROWS = 32
 
 
 def serves(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the call with embedded tokens ``x`` (B, T, D) qualifies (module docstring)."""
+    """Whether the call with embedded tokens ``x`` (B, T, D) qualifies (module docstring): at
+    most ``MAX_ROWS`` (streamed_matmul's) rows; a longer prefill runs the torch forward."""
     rows = x.shape[0] * x.shape[1]
     return 0 < rows <= MAX_ROWS and chunked_scan_compiled.serves("auto", x, *weights)
 

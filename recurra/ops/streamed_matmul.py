@@ -31,8 +31,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import chunked_scan_compiled
 
-#: up to this many rows of x use the streamed product (beyond, BLAS's blocked kernels win)
-MAX_ROWS = 16
+#: up to this many rows of x qualify (the rows of a decoding step, a draft tree, a few beams;
+#: larger products are BLAS's blocked kernels' to serve)
+MAX_ROWS = 32
 #: columns per packed panel (csrc/streamed_matmul.cpp's kPanel)
 PANEL = 32
 
@@ -77,9 +78,3 @@ def streamed_matmul(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     out = ext.streamed_matmul(x.reshape(-1, x.shape[-1]).contiguous(), packed(W), W.shape[1])
     return out.view(*x.shape[:-1], W.shape[1])
 
-
-def matmul(x: torch.Tensor, W: torch.Tensor, streamed: bool) -> torch.Tensor:
-    """``x @ W``, streamed when ``streamed`` (decided once per model call, by ``serves`` on one
-    of its products: the check costs tens of microseconds, a product of a small model little
-    more)."""
-    return streamed_matmul(x, W) if streamed else x @ W
