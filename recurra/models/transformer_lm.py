@@ -287,17 +287,9 @@ def compact_cache(cache: KVCache, start: int, keep: torch.Tensor | list[int]) ->
     """Keep slots ``[:start]`` followed by slots ``start + keep[j]`` (an accepted draft path)."""
     keep = torch.as_tensor(keep, dtype=torch.long)
     index = start + keep.to(cache[0][0].device) if len(cache) else keep
-    return tuple((_select_slots(k, start, index), _select_slots(v, start, index))
+    return tuple((torch.cat((k[:, :, :start], k.index_select(2, index)), dim=2),
+                  torch.cat((v[:, :, :start], v.index_select(2, index)), dim=2))
                  for k, v in cache)
-
-
-def _select_slots(t: torch.Tensor, start: int, index: torch.Tensor) -> torch.Tensor:
-    """Slots ``[:start]`` then ``index`` of ``t`` (B, H, S, Dh), in ``t``'s memory layout: keys
-    that LlamaLM's compiled forward stores transposed (slots innermost) stay so."""
-    if _slots_innermost(t):
-        s = t.transpose(2, 3)
-        return torch.cat((s[..., :start], s.index_select(3, index)), dim=3).transpose(2, 3)
-    return torch.cat((t[:, :, :start], t.index_select(2, index)), dim=2)
 
 
 def reorder_cache(cache: KVCache, index: torch.Tensor) -> KVCache:
@@ -306,16 +298,11 @@ def reorder_cache(cache: KVCache, index: torch.Tensor) -> KVCache:
 
 
 def _select_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``t.index_select(0, index)`` in ``t``'s memory layout (transposed keys stay so)."""
-    if _slots_innermost(t):
+    """``t.index_select(0, index)`` in ``t``'s memory layout: keys that LlamaLM's compiled
+    forward stores with the slots innermost stay so (beam search reorders every step)."""
+    if t.dim() == 4 and t.stride(2) == 1 and t.shape[3] > 1:
         return t.transpose(2, 3).index_select(0, index).transpose(2, 3)
     return t.index_select(0, index)
-
-
-def _slots_innermost(t: torch.Tensor) -> bool:
-    """Whether ``t`` (B, H, S, Dh) stores its slots innermost (LlamaLM's compiled forward keeps
-    keys so)."""
-    return t.dim() == 4 and t.stride(2) == 1 and t.shape[3] > 1
 
 
 __all__ = [
