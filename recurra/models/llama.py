@@ -221,8 +221,9 @@ class LlamaLM(nn.Module):
         if (self._backend == "auto" and not (torch.is_grad_enabled()
                                              and any(p.requires_grad for p in self.parameters()))
                 and llama_decode.serves(x, self.norm)):
-            return llama_decode.llama_decode(
-                x, self.rope_cos[position_ids], self.rope_sin[position_ids], mask,
+            return llama_decode.llama_decode(  # no attention_mask: causal (mask None)
+                x, self.rope_cos[position_ids], self.rope_sin[position_ids],
+                None if attention_mask is None else mask,
                 cache or (), self._compiled_weights(), self.config.n_heads,
                 self.config.n_kv_heads, self.config.rms_norm_eps, logits_to_keep, return_hidden)
         cos = self.rope_cos[position_ids].unsqueeze(1)            # (B, 1, T, Dh)
