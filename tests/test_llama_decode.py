@@ -205,3 +205,25 @@ def test_cache_helpers_keep_the_transposed_key_layout():
                                torch.cat((k[:, :, :6], k[:, :, [7, 9]]), dim=2), atol=0, rtol=0)
     torch.testing.assert_close(reorder_cache(cache, torch.tensor([1, 1, 0]))[0][0],
                                k[[1, 1, 0]], atol=0, rtol=0)
+
+
+def test_the_op_rejects_a_cache_or_weights_of_the_wrong_shape():
+    model = make("gqa_small_heads")
+    tokens = torch.randint(0, 61, (1, 6))
+    with torch.no_grad():
+        _, cache = model(tokens[:, :5])
+        x = model.embedding(tokens[:, 5:])
+        pos = torch.tensor([[5]])
+        args = (x, model.rope_cos[pos], model.rope_sin[pos], None)
+        weights = model._compiled_weights()
+        bad_cache = tuple((k[:, :1], v[:, :1]) for k, v in cache)  # one kv head, not two
+        with pytest.raises(RuntimeError, match="cache tensors must be"):
+            llama_decode.llama_decode(*args, bad_cache, weights, 6, 2, 1e-5)
+        with pytest.raises(RuntimeError, match="n_kv_heads must divide"):
+            llama_decode.llama_decode(*args, cache, weights, 6, 4, 1e-5)
+        swapped = weights._replace(weights=[weights.weights[2], weights.weights[1]]
+                                   + weights.weights[:1] + weights.weights[3:])
+        with pytest.raises(RuntimeError, match="weight 0 of layer 0"):
+            llama_decode.llama_decode(*args, cache, swapped, 6, 2, 1e-5)
+        logits, _ = llama_decode.llama_decode(*args, cache, weights, 6, 2, 1e-5)
+    assert logits.shape == (1, 1, 61)

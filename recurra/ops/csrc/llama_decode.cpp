@@ -269,7 +269,27 @@ std::vector<torch::Tensor> llama_decode(
                     (mask->size(0) == 1 || mask->size(0) == B) && mask->size(1) == T &&
                     mask->size(2) == S + T && mask->is_contiguous(),
                 "mask must be a contiguous bool (B or 1, T, S + T)");
+  TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0, "n_kv_heads must divide n_heads");
   const int64_t R = B * T, Q = (H + 2 * Hkv) * Dh, group = H / Hkv;
+  // the shapes the loops below index by: the cache and every weight (panels: (P, K, 32))
+  auto panels = [](int64_t K, int64_t N) {
+    return std::vector<int64_t>{(N + recurra::panel::kPanel - 1) / recurra::panel::kPanel, K,
+                                recurra::panel::kPanel};
+  };
+  const std::vector<int64_t> kv_shape{B, Hkv, S, Dh};
+  const std::vector<std::vector<int64_t>> layer_shapes{
+      {D}, panels(D, Q), panels(H * Dh, D), {D}, panels(D, 2 * I), panels(I, D)};
+  for (const auto& c : cache)
+    TORCH_CHECK(c.sizes() == torch::IntArrayRef(kv_shape) && c.scalar_type() == x.scalar_type(),
+                "cache tensors must be (B, n_kv_heads, S, head_dim) = ", kv_shape, " of x's dtype");
+  for (int64_t i = 0; i < 6 * L; ++i)
+    TORCH_CHECK(weights[i].sizes() == torch::IntArrayRef(layer_shapes[i % 6]) &&
+                    weights[i].is_contiguous() && weights[i].scalar_type() == x.scalar_type(),
+                "weight ", i % 6, " of layer ", i / 6, " must be a contiguous ",
+                layer_shapes[i % 6], " of x's dtype, got ", weights[i].sizes());
+  TORCH_CHECK(norm.sizes() == torch::IntArrayRef({D}) && norm.is_contiguous() &&
+                  head.sizes() == torch::IntArrayRef(panels(D, vocab)) && head.is_contiguous(),
+              "norm must be (D) and head the (D, vocab) panels");
   const int64_t keep = logits_to_keep > 0 ? std::min(logits_to_keep, T) : T;
   auto opts = x.options();
   std::vector<torch::Tensor> out;
