@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ..ops.top_k import argmax
 from .protocol import DecodeSession
 from .sampling import sample_token
 from .stats import DecodeStats
@@ -28,7 +29,7 @@ def autoregressive_decode(session: DecodeSession, input_ids: torch.Tensor, max_n
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for t in range(max_new_tokens):
         scores = processors(sequences, logits.clone()) if processors else logits
-        token = sample_token(scores, generator) if sample else scores.argmax(-1)
+        token = sample_token(scores, generator) if sample else argmax(scores)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         yield token
         stats.new_tokens += 1

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..ops.top_k import argmax
 from .processors import process_tree
 from .rejection import rrs_sample
 from .stats import DecodeStats
@@ -166,7 +167,7 @@ def draft_model_decode(target, draft, prompt: Sequence[int], max_new_tokens: int
                     from .sampling import sample_from_probs
                     y, nxt = int(sample_from_probs(p[None], generator)[0]), None
             else:
-                y = int(scores[node].argmax())
+                y = int(argmax(scores[node]))
                 nxt = next((c for c in kids if tree_.tokens[c] == y), None)
             emitted.append(y)
             if y in eos or len(emitted) >= budget or nxt is None:

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..models.transformer_lm import crop_cache, reorder_cache
+from ..models.transformer_lm import reorder_cache
+from ..ops.kv_keep import keep_slots
 from .kv_session import KVSession
 from .protocol import DecodeAdapter, model_vocab_size
 
@@ -33,26 +34,10 @@ class KVCacheSession(KVSession):
         return (out[0], out[2]) if return_hidden else out[0]
 
     def _keep(self, start: int, path: list[int]) -> None:
-        if path != list(range(len(path))):
-            self.cache = self._compact_in_place(start, path)
-        self.cache = crop_cache(self.cache, start + len(path))
-
-    def _compact_in_place(self, start: int, path: list[int]):
-        """Move slots ``start + path[j]`` to ``start + j`` inside the cache the last verify
-        returned (fresh tensors of the model's; every slot from ``start`` on belongs to that
-        verify's tree, so no committed state or snapshot sees the change): a few slots
-        copied instead of the whole cache. ``path`` rises (ancestors come first in BFS order),
-        so moving in order never overwrites a slot still to be read."""
-        moved = [(start + j, start + p) for j, p in enumerate(path) if p != j]
-        if not moved:
-            return self.cache
-        device = self.cache[0][0].device
-        dst = torch.tensor([d for d, _ in moved], device=device)
-        src = torch.tensor([s for _, s in moved], device=device)
-        for k, v in self.cache:
-            k.index_copy_(2, dst, k.index_select(2, src))
-            v.index_copy_(2, dst, v.index_select(2, src))
-        return self.cache
+        # in place, in the cache the last verify returned: fresh tensors of the model's, and
+        # every slot from ``start`` on belongs to that verify's tree, so no committed state or
+        # snapshot sees the change; a few slots are moved instead of the cache being copied
+        self.cache = keep_slots(self.cache, start, path)
 
     def _reorder(self, index: torch.Tensor) -> None:
         self.cache = reorder_cache(self.cache, index)

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ..ops.top_k import argmax
 from .processors import process_tree
 from .protocol import DecodeSession
 from .sampling import sample_token
@@ -83,7 +84,7 @@ def speculative_decode(session: DecodeSession, prompt: Sequence[int], drafter: D
         stats.steps += 1
         stats.verified_tokens += len(tree)
         stats.draft_steps += len(tree) > 1
-        greedy_choice = None if sample else scores.argmax(-1).tolist()
+        greedy_choice = None if sample else argmax(scores).tolist()
         node, path, emitted = 0, [0], []
         children = tree.children
         while True:

@@ -19,8 +19,9 @@ ops, which compute the same numbers more slowly.
 The same extension (``EXTENSION``, "recurra_inference_kernels") also holds Mamba-2's one-pass
 conv + SiLU and gated RMSNorm (``causal_conv_silu``, ``gated_rms_norm`` below,
 ``csrc/mamba2_pointwise.cpp``), the few-row product of ``recurra.ops.streamed_matmul`` and the
-Llama decoder's few-token forward of ``recurra.ops.llama_decode`` and the few-row top-k of
-``recurra.ops.top_k``; all of them are forward-only and share ``serves``.
+Llama decoder's few-token forward of ``recurra.ops.llama_decode``, the few-row top-k of
+``recurra.ops.top_k`` and the KV-cache commit of ``recurra.ops.kv_keep``; all of them are
+forward-only and share ``serves``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .cpp_extension import CompiledExtension
 EXTENSION = CompiledExtension(
     "recurra_inference_kernels", ("inference_kernels.cpp", "chunked_scan.cpp",
                                   "mamba2_pointwise.cpp", "streamed_matmul.cpp",
-                                  "llama_decode.cpp", "top_k.cpp"),
+                                  "llama_decode.cpp", "top_k.cpp", "kv_keep.cpp"),
     "inference kernels", openmp=True)
 BACKENDS = ("auto", "torch")
 

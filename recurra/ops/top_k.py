@@ -35,3 +35,36 @@ def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = chunked_scan_compiled.EXTENSION.load().top_k_rows(rows, k)
     return out.view(*x.shape[:-1], k)
+
+
+def top_k_probabilities_reference(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, probabilities) (..., k): :func:`top_k_reference` and the chosen entries'
+    softmax probabilities over their rows."""
+    idx = top_k_reference(x, k)
+    return idx, torch.softmax(x, dim=-1).gather(-1, idx)
+
+
+def top_k_probabilities(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_k` and the chosen entries' softmax probabilities over their rows, in x's dtype,
+    to about 2e-5 relative: the kernel sums the exponentials with a degree-6 vector exp (twice
+    as fast as a full-precision one; drafters use these probabilities as features, never to
+    choose an output token)."""
+    if not isinstance(k, int) or not 1 <= k <= x.shape[-1]:
+        raise ValueError(f"k must be an int in [1, {x.shape[-1]}] (the rows' length), got {k!r}")
+    if x.numel() == 0 or not chunked_scan_compiled.serves("auto", x):
+        return top_k_probabilities_reference(x, k)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    idx, probs = chunked_scan_compiled.EXTENSION.load().top_k_probs_rows(rows, k)
+    return idx.view(*x.shape[:-1], k), probs.view(*x.shape[:-1], k)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """The index (...) of each row's largest entry of ``x`` (..., n), the lowest index among
+    equal maxima: what ``x.argmax(-1)`` gives for rows without NaN, in one C++ pass
+    (:func:`top_k` with k = 1; torch's CPU argmax is several times slower on a few long rows).
+    Greedy decoding and speculative verification both choose tokens with it, so they agree bit
+    for bit whatever the rows hold."""
+    if x.numel() == 0 or not chunked_scan_compiled.serves("auto", x):
+        return x.argmax(-1)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    return chunked_scan_compiled.EXTENSION.load().top_k_rows(rows, 1).view(x.shape[:-1])

@@ -1,5 +1,5 @@
 // Bindings of the inference kernels (chunked_scan.cpp, mamba2_pointwise.cpp,
-// streamed_matmul.cpp, llama_decode.cpp, top_k.cpp): one extension.
+// streamed_matmul.cpp, llama_decode.cpp, top_k.cpp, kv_keep.cpp): one extension.
 #include <torch/extension.h>
 
 #include <vector>
@@ -20,6 +20,9 @@ std::vector<torch::Tensor> llama_decode(
     int64_t intermediate, double eps, int64_t logits_to_keep, bool return_hidden);
 
 torch::Tensor top_k_rows(torch::Tensor x, int64_t k);
+std::vector<torch::Tensor> top_k_probs_rows(torch::Tensor x, int64_t k);
+std::vector<torch::Tensor> kv_keep(std::vector<torch::Tensor> cache, std::vector<int64_t> dst,
+                                   std::vector<int64_t> src, int64_t length);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunked_scan_forward", &chunked_scan_forward,
@@ -33,4 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("llama_decode", &llama_decode,
         "LlamaLM's forward for a few tokens in one call (forward only; rows independent)");
   m.def("top_k_rows", &top_k_rows, "indices of each row's k largest entries, by value");
+  m.def("top_k_probs_rows", &top_k_probs_rows,
+        "top_k_rows plus the entries' softmax probabilities over their rows");
+  m.def("kv_keep", &kv_keep,
+        "move a KV cache's accepted slots to consecutive slots in place and crop, every layer");
 }
