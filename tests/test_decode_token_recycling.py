@@ -1,6 +1,6 @@
 """Token Recycling's additions: the prefill warm start, the template size chosen from a cost
 table, hindsight acceptance estimates and the adaptive tree size (which must never change the
-output)."""
+output). Dynamic trees: tests/test_decode_token_recycling_dynamic.py."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_adaptive_size_shrinks_to_plain_steps_and_never_changes_the_output():
     # a useless matrix (rows of tokens the output never holds) drives the estimates down
     # until plain steps win
     saw = VerifyCost({1: 1.0, 2: 1.61, 3: 1.99, 4: 1.60, 8: 1.62, 16: 1.95, 32: 2.77})
-    tr = TokenRecycling(cost=saw, warm_start=False, smoothing=0.3)
+    tr = TokenRecycling(cost=saw, tree="template", warm_start=False, smoothing=0.3)
     assert len(tr.active_nodes()) > 1  # the prior favours a tree
     tr.start([0], V)
     never = [t for t in range(V) if t not in ref]
