@@ -63,25 +63,30 @@ def test_records_first_occurrence_wins_and_context_records():
     tr.start([0], 10)
     tokens = np.array([4, 5, 4, 6])
     previous = np.array([1, 4, 2, 4])
+    before = np.array([0, 1, 3, 1])
     top = np.array([[7, 8], [1, 2], [3, 9], [0, 5]])
     probs = np.array([[0.6, 0.2], [0.5, 0.4], [0.95, 0.01], [0.3, 0.3]], dtype=np.float32)
-    tr._store(tokens, previous, top, probs)
+    tr._store(tokens, previous, before, top, probs)
     assert tr.matrix[4].tolist() == [7, 8] and tr.row_previous[4] == 1  # node 0, not node 2
     assert np.allclose(tr.confidence[4], [0.6, 0.2])
-    succ, conf, buckets = tr.successors(4, 2)  # its own two-token context: node 2's record
+    bins = len(CONFIDENCE_BINS)
+
+    def bucket(context, this_call, p):  # the bucket layout, written out
+        return (context * 2 + this_call) * bins + plain_bin(p)
+
+    succ, conf, buckets = tr.successors(4, 2, 3)  # node 2's three-token context
     assert succ.tolist() == [3, 9] and np.allclose(conf, [0.95, 0.01])
-    this_call_same_context = (1 * 2 + 1) * len(CONFIDENCE_BINS)
-    assert buckets.tolist() == [this_call_same_context + plain_bin(0.95),
-                                this_call_same_context + plain_bin(0.01)]
-    succ, _, buckets = tr.successors(4, 3)  # an unseen context: the row, another context
+    assert buckets.tolist() == [bucket(2, 1, 0.95), bucket(2, 1, 0.01)]
+    succ, _, buckets = tr.successors(4, 2, 7)  # its two-token context only
+    assert succ.tolist() == [3, 9]
+    assert buckets.tolist() == [bucket(1, 1, 0.95), bucket(1, 1, 0.01)]
+    succ, _, buckets = tr.successors(4, 3, 0)  # an unseen context: the row, another context
     assert succ.tolist() == [7, 8]
-    assert buckets.tolist() == [len(CONFIDENCE_BINS) + plain_bin(0.6),
-                                len(CONFIDENCE_BINS) + plain_bin(0.2)]
-    assert tr.successors(9, 4) is None  # never recorded
+    assert buckets.tolist() == [bucket(0, 1, 0.6), bucket(0, 1, 0.2)]
+    assert tr.successors(9, 4, 1) is None  # never recorded
     tr.start([0], 10)  # a new call: the same records now count as earlier ones
-    _, _, buckets = tr.successors(4, 2)
-    assert buckets.tolist() == [2 * len(CONFIDENCE_BINS) + plain_bin(0.95),
-                                2 * len(CONFIDENCE_BINS) + plain_bin(0.01)]
+    _, _, buckets = tr.successors(4, 2, 3)
+    assert buckets.tolist() == [bucket(2, 0, 0.95), bucket(2, 0, 0.01)]
 
 
 def test_prime_records_probabilities_latest_occurrence_wins():
@@ -99,33 +104,38 @@ def test_prime_records_probabilities_latest_occurrence_wins():
             assert np.allclose(tr.confidence[prompt[i]], probs[i, order].numpy(), rtol=5e-5)
             assert tr.row_previous[prompt[i]] == (prompt[i - 1] if i else -1)
         # every two-token context keeps its own successors
-        record = tr.context_rows[(prompt[i - 1] if i else -1, prompt[i])]
+        padded = [-1, -1] + prompt
+        record = tr.context_rows[(padded[i + 1], prompt[i])]
         assert record[0].tolist() == order
+        assert tr.context_rows[(padded[i], padded[i + 1], prompt[i])][0].tolist() == order
 
 
-def enumerate_paths(tr, root, before, max_depth, rates, this_call, rows, contexts):
+def enumerate_paths(root, previous, before, max_depth, rates, this_call, rows, contexts):
     """Every rank path from the root up to max_depth with its path product, by recursion over
     the test's own log of what was recorded (independent of TokenRecycling.successors)."""
     out = []
 
-    def visit(path_tokens, token, previous, score, depth):
+    def visit(path_tokens, token, previous, before, score, depth):
         if depth == max_depth:
             return
-        if (previous, token) in contexts:
+        if (before, previous, token) in contexts:
+            succ, probs, call = contexts[(before, previous, token)]
+            level = 2
+        elif (previous, token) in contexts:
             succ, probs, call = contexts[(previous, token)]
-            same = True
+            level = 1
         elif token in rows:
             succ, probs, prev_w, call = rows[token]
-            same = prev_w == previous
+            level = int(prev_w == previous)
         else:
             return
         for tok, p in zip(succ, probs):
-            b = (int(same) * 2 + int(call == this_call)) * len(CONFIDENCE_BINS) + plain_bin(p)
+            b = (level * 2 + int(call == this_call)) * len(CONFIDENCE_BINS) + plain_bin(p)
             s = score * rates[b]
             out.append((tuple(path_tokens + [tok]), s))
-            visit(path_tokens + [tok], tok, token, s, depth + 1)
+            visit(path_tokens + [tok], tok, token, previous, s, depth + 1)
 
-    visit([], root, before, 1.0, 0)
+    visit([], root, previous, before, 1.0, 0)
     return out
 
 
@@ -143,13 +153,15 @@ def test_tree_is_the_best_first_set_of_calibrated_path_products(seed):
         for token in rng.choice(vocab, size=8, replace=False):
             succ = rng.choice(vocab, size=k, replace=False)
             probs = np.sort(rng.uniform(0, 1, k))[::-1].astype(np.float32)
-            prev = int(rng.integers(-1, vocab))
-            tr._store(np.array([token]), np.array([prev]), succ[None], probs[None])
+            prev, before = (int(t) for t in rng.integers(-1, 4, size=2))  # contexts recur
+            tr._store(np.array([token]), np.array([prev]), np.array([before]), succ[None],
+                      probs[None])
+            record = (succ.tolist(), probs.tolist(), call)
             rows[int(token)] = (succ.tolist(), probs.tolist(), prev, call)
-            contexts[(prev, int(token))] = (succ.tolist(), probs.tolist(), call)
-    history = [int(rng.integers(vocab)), int(rng.choice(list(rows)))]
+            contexts[(prev, int(token))] = contexts[(before, prev, int(token))] = record
+    history = [int(rng.integers(4)), int(rng.integers(4)), int(rng.choice(list(rows)))]
     tree = tr.draft(history, 4)
-    paths = enumerate_paths(tr, history[-1], history[-2], 4, prior, 2, rows, contexts)
+    paths = enumerate_paths(history[-1], history[-2], history[-3], 4, prior, 2, rows, contexts)
     paths.sort(key=lambda ps: -ps[1])
     expected = {p for p, _ in paths[:len(tree) - 1]}
     got = set()
@@ -182,7 +194,7 @@ def test_hindsight_trials_along_the_emitted_path():
     tr.start([0], 10)
     probs = np.array([[0.6, 0.3]], dtype=np.float32)
     for token, succ in {1: [2, 3], 2: [4, 5], 3: [6, 7], 4: [8, 9]}.items():
-        tr._store(np.array([token]), np.array([-1]), np.array([succ]), probs)
+        tr._store(np.array([token]), np.array([-1]), np.array([-1]), np.array([succ]), probs)
     tree = tr.draft([0, 1], 5)
     assert sorted(tree.tokens) == list(range(1, 10))  # every recorded successor
     assert not tr.calibration.trials.any()
@@ -206,7 +218,7 @@ def test_copied_chain_joins_the_candidates():
     tree = tr.draft(history, 5)  # nothing recorded: the tree is the copied chain 7 8 9
     assert tree.tokens == [6, 7, 8, 9] and tree.parents == [-1, 0, 1, 2]
     tr.calls = 1
-    tr._store(np.array([6]), np.array([5]), np.array([[7, 2]]),
+    tr._store(np.array([6]), np.array([5]), np.array([-1]), np.array([[7, 2]]),
               np.array([[0.9, 0.05]], dtype=np.float32))
     tree = tr.draft(history, 5)  # the recycled 7 is the copied 7: one node, and 2 beside it
     assert sorted(tree.tokens) == [2, 6, 7, 8, 9]
@@ -227,7 +239,8 @@ def test_sizes_shrink_to_plain_steps_and_never_change_the_output():
     tr.start([0], V)
     never = [t for t in range(V) if t not in ref]
     succ = np.resize(never, (V, tr.k))
-    tr._store(np.arange(V), np.full(V, -1), succ, np.full((V, tr.k), 0.95, dtype=np.float32))
+    tr._store(np.arange(V), np.full(V, -1), np.full(V, -1), succ,
+              np.full((V, tr.k), 0.95, dtype=np.float32))
     tr.update = lambda *a: None  # keep the records useless
     history = list(ids[0].tolist())
     assert len(tr.draft(history, 5)) > 1  # the prior favours a tree

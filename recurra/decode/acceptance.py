@@ -10,8 +10,8 @@ Token Recycling's buckets (:func:`recycled_bucket`) are
 
 - the **confidence** the model gave the successor when the row was recorded (its softmax
   probability, in :data:`CONFIDENCE_BINS`);
-- whether the row was recorded after the **same previous token** as now (the two-token context
-  matches) or after another one;
+- how many of the **preceding tokens** match those the record was made after: none (the
+  token's row, written in another context), the previous token, or the two previous tokens;
 - whether the row was recorded **in this call** (this prompt and its output) or earlier;
 
 and prompt lookup's copied tokens get their own buckets by the length of the n-gram that matched
@@ -29,14 +29,17 @@ CONFIDENCE_BINS = np.array([0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9])
 #: chain depths with their own lookup bucket (deeper copied tokens share the last)
 LOOKUP_DEPTHS = 8
 
-#: prior hit rates [same context][recorded in this call][confidence bin], rounded from the
-#: hindsight log of ``recurra bench decode``'s ten SmolLM2 prompts (2026-11-27, 2-core CPU)
-#: and made monotone in the confidence; the live counts replace them within a few hundred trials
+#: prior hit rates [context tokens matched: 0, 1 or 2][recorded in this call][confidence bin],
+#: rounded from the hindsight log of ``recurra bench decode``'s ten SmolLM2 prompts (2026-11-27,
+#: 2-core CPU) and made monotone in the confidence (two matched tokens: one matched token's
+#: rates raised a little); the live counts replace them within a few hundred trials
 RECYCLED_PRIOR = np.array([
     [[0.005, 0.01, 0.02, 0.05, 0.08, 0.10, 0.15, 0.20],    # other context, earlier call
      [0.03, 0.05, 0.10, 0.13, 0.20, 0.22, 0.26, 0.38]],    # other context, this call
-    [[0.03, 0.04, 0.10, 0.14, 0.20, 0.30, 0.45, 0.50],     # same context, earlier call
-     [0.03, 0.07, 0.10, 0.23, 0.39, 0.52, 0.65, 0.68]],    # same context, this call
+    [[0.03, 0.04, 0.10, 0.14, 0.20, 0.30, 0.45, 0.50],     # same previous token, earlier call
+     [0.03, 0.07, 0.10, 0.23, 0.39, 0.52, 0.65, 0.68]],    # same previous token, this call
+    [[0.03, 0.05, 0.12, 0.17, 0.25, 0.35, 0.50, 0.55],     # same two previous tokens, earlier
+     [0.03, 0.08, 0.12, 0.26, 0.42, 0.56, 0.70, 0.75]],    # same two previous tokens, this call
 ])
 #: prior hit rate of a copied token at chain depth 1, 2, ... given the tokens before it were
 #: right, after a matched 2-gram and after a 3-gram (or longer)
@@ -53,10 +56,11 @@ def confidence_bins(confidence: np.ndarray) -> np.ndarray:
     return np.clip(bins, 0, len(CONFIDENCE_BINS) - 1)
 
 
-def recycled_bucket(same_context: bool, this_call: bool, bins: np.ndarray) -> np.ndarray:
-    """Bucket indices of recycled successors whose probabilities fall in confidence ``bins``
+def recycled_bucket(context: int, this_call: bool, bins: np.ndarray) -> np.ndarray:
+    """Bucket indices of recycled successors recorded after ``context`` (0, 1 or 2) of the
+    same preceding tokens as now, whose probabilities fall in confidence ``bins``
     (:func:`confidence_bins`)."""
-    return (int(bool(same_context)) * 2 + int(bool(this_call))) * len(CONFIDENCE_BINS) + bins
+    return (int(context) * 2 + int(bool(this_call))) * len(CONFIDENCE_BINS) + bins
 
 
 def lookup_bucket(depth: int, ngram: int) -> int:

@@ -21,12 +21,13 @@ verification walk decides every token) and each measured in ``recurra bench deco
   phrasing instead of starting cold.
 - **dynamic trees** (``tree="dynamic"``, the default). With every successor the matrix also
   keeps the probability the model gave it, the token that preceded the row's token and the call
-  that wrote the row; the same record is also kept per two-token context (previous token,
-  token), so a context seen before gets its own successors back rather than whichever context
-  wrote the token's row last. A candidate child's chance of being the next token, given that its
-  parent is, is read from an :class:`~recurra.decode.acceptance.AcceptanceCalibration` by
-  bucket (recorded probability; same two-token context or not; recorded in this call or
-  earlier), and a node's chance of being accepted is the product along its path. The tree grows
+  that wrote the row; the same record is also kept per two- and three-token context (the
+  token with the one or two tokens before it), so a context seen before gets its own successors
+  back rather than whichever context wrote the token's row last (the longest known context
+  wins). A candidate child's chance of being the next token, given that its parent is, is read
+  from an :class:`~recurra.decode.acceptance.AcceptanceCalibration` by bucket (recorded
+  probability; how many preceding tokens match the record's: 0, 1 or 2; recorded in this call
+  or earlier), and a node's chance of being accepted is the product along its path. The tree grows
   best-first by that product up to ``max_nodes`` (so it goes deep where the model was sure and
   wide where it was not), and each step verifies the prefix of that order that maximises
   expected tokens per unit of verify cost (:func:`choose_size` with the measured
@@ -71,7 +72,7 @@ DEFAULT_MAX_TEMPLATE = 32
 DEFAULT_MAX_NODES = 24
 #: copied tokens a dynamic tree may draft by default (``lookup``)
 DEFAULT_LOOKUP = 8
-#: the two-token context records are forgotten when they pass this many (memory bound)
+#: the context records are forgotten when they pass this many (memory bound)
 MAX_CONTEXT_ROWS = 1 << 20
 
 
@@ -165,11 +166,11 @@ class TokenRecycling(Drafter):
         self.matrix: np.ndarray | None = None
         #: dynamic trees: the probability the model gave each stored successor, the token that
         #: preceded the row's token when the row was written (-1: unknown) and the call that
-        #: wrote it (-1: never); the same per two-token context in ``context_rows``
+        #: wrote it (-1: never); the same per two- and three-token context in ``context_rows``
         self.confidence: np.ndarray | None = None
         self.row_previous: np.ndarray | None = None
         self.row_call: np.ndarray | None = None
-        self.context_rows: dict[tuple[int, int], tuple] = {}  # -> (succ, probs, bins, call)
+        self.context_rows: dict[tuple, tuple] = {}  # context -> (succ, probs, bins, call)
         self.calibration = calibration if calibration is not None else AcceptanceCalibration()
         self.calls = 0
         t = self.template
@@ -185,7 +186,7 @@ class TokenRecycling(Drafter):
         #: "accepted")
         self.acceptance = np.asarray(t.prior, dtype=np.float64).copy()
         self._pending: list = []
-        self._root_previous = -1
+        self._root_previous = self._root_before = -1
         self.sizes_used: dict[int, int] = {}
 
     @property
@@ -214,9 +215,10 @@ class TokenRecycling(Drafter):
         tokens = np.asarray(prompt[:len(logits)], dtype=np.int64)
         if self.tree == "dynamic":
             previous = np.concatenate(([-1], tokens[:-1]))
+            before = np.concatenate(([-1], previous[:-1]))
             top, probs = self._recorded(logits, k)
             # stored in reverse: the first occurrence there is the latest in the prompt
-            self._store(tokens[::-1], previous[::-1], top[::-1], probs[::-1])
+            self._store(tokens[::-1], previous[::-1], before[::-1], top[::-1], probs[::-1])
             return
         top = top_k(logits, k).cpu().numpy()
         # np.unique on the reversed tokens: the first index there is the latest occurrence
@@ -259,6 +261,7 @@ class TokenRecycling(Drafter):
 
     def draft(self, history: list[int], max_depth: int) -> DraftTree:
         self._root_previous = history[-2] if len(history) > 1 else -1
+        self._root_before = history[-3] if len(history) > 2 else -1
         if self.tree == "dynamic":
             return self._draft_dynamic(history, max_depth)
         t = self.template
@@ -329,8 +332,10 @@ class TokenRecycling(Drafter):
         tokens = np.asarray(tree.tokens)
         if self.tree == "dynamic":
             parents = np.asarray(tree.parents)
-            previous = np.where(parents >= 0, tokens[np.maximum(parents, 0)], self._root_previous)
-            self._store(tokens, previous, *self._recorded(logits, k))
+            up = np.maximum(parents, 0)
+            previous = np.where(parents >= 0, tokens[up], self._root_previous)
+            before = np.where(parents >= 0, previous[up], self._root_before)
+            self._store(tokens, previous, before, *self._recorded(logits, k))
             return
         top = top_k(logits, k).cpu().numpy()
         if len(tokens) == 1:
@@ -347,11 +352,12 @@ class TokenRecycling(Drafter):
         top, probs = top_k_probabilities(logits, k)
         return top.cpu().numpy(), probs.to(torch.float32).cpu().numpy()
 
-    def _store(self, tokens: np.ndarray, previous: np.ndarray, top: np.ndarray,
-               probs: np.ndarray) -> None:
-        """Record each node's top-k successors with their probabilities, in its token's row
-        and under its two-token context (previous, token); where a row or a context occurs
-        several times, the first occurrence wins."""
+    def _store(self, tokens: np.ndarray, previous: np.ndarray, before: np.ndarray,
+               top: np.ndarray, probs: np.ndarray) -> None:
+        """Record each node's top-k successors with their probabilities: in its token's row,
+        under its two-token context (previous, token) and under its three-token context
+        (before, previous, token); where a row or a context occurs several times, the first
+        occurrence wins."""
         k = top.shape[-1]
         unique, first = np.unique(tokens, return_index=True)
         bins = confidence_bins(probs)
@@ -363,21 +369,25 @@ class TokenRecycling(Drafter):
         if len(self.context_rows) > MAX_CONTEXT_ROWS:
             self.context_rows = {}
         rows, call = self.context_rows, self.calls
+        tokens, previous, before = tokens.tolist(), previous.tolist(), before.tolist()
         for i in range(len(tokens) - 1, -1, -1):  # backwards: the first occurrence is last
-            rows[(int(previous[i]), int(tokens[i]))] = (top[i], probs[i], bins[i], call)
+            record = (top[i], probs[i], bins[i], call)
+            rows[(previous[i], tokens[i])] = record
+            rows[(before[i], previous[i], tokens[i])] = record
 
-    def successors(self, token: int, previous: int):
+    def successors(self, token: int, previous: int, before: int = -1):
         """(tokens, recorded probabilities, bucket indices) of ``token``'s recycled successors
-        after ``previous``: the two-token context's record if there is one, else the token's
-        row; None if neither was ever recorded."""
-        record = self.context_rows.get((previous, token))
-        if record is not None:
-            succ, conf, bins, call = record
-            return succ, conf, recycled_bucket(True, call == self.calls, bins)
+        after ``before, previous``: the three-token context's record if there is one, else the
+        two-token context's, else the token's row; None if none was ever recorded."""
+        for context, key in ((2, (before, previous, token)), (1, (previous, token))):
+            record = self.context_rows.get(key)
+            if record is not None:
+                succ, conf, bins, call = record
+                return succ, conf, recycled_bucket(context, call == self.calls, bins)
         call = self.row_call[token]
         if call < 0:
             return None
-        same = self.row_previous[token] == previous
+        same = int(self.row_previous[token] == previous)
         return (self.matrix[token], self.confidence[token],
                 recycled_bucket(same, call == self.calls, self._bins[token]))
 
@@ -388,7 +398,7 @@ class TokenRecycling(Drafter):
         self._observe(history)
         rates = self.calibration.rates()
         tokens, parents, score, depth = [history[-1]], [-1], [1.0], [0]
-        previous = [self._root_previous]
+        previous, before = [self._root_previous], [self._root_before]
         children: list = []  # per node: (child tokens, their buckets) or None (not expanded)
         index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
         heap: list = []
@@ -401,7 +411,7 @@ class TokenRecycling(Drafter):
             if depth[i] >= max_depth:
                 children.append(None)
                 return
-            found = self.successors(tokens[i], previous[i])
+            found = self.successors(tokens[i], previous[i], before[i])
             if found is not None:
                 kid_tokens, _, kid_buckets = found
             else:
@@ -443,6 +453,7 @@ class TokenRecycling(Drafter):
             score.append(-neg)
             depth.append(depth[p] + 1)
             previous.append(tokens[p])
+            before.append(previous[p])
             if copied and (p == 0 or p in chain_nodes) and depth[i] <= len(copied) and \
                     copied[depth[i] - 1] == tok:
                 chain_nodes.add(i)
