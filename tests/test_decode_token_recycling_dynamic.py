@@ -12,8 +12,13 @@ import torch
 from decode_models import single_thread, tiny_llama  # noqa: F401
 
 from recurra.decode import generate
-from recurra.decode.acceptance import (CONFIDENCE_BINS, NUM_BUCKETS, AcceptanceCalibration,
-                                       confidence_bins, lookup_bucket)
+from recurra.decode.acceptance import (
+    CONFIDENCE_BINS,
+    NUM_BUCKETS,
+    AcceptanceCalibration,
+    confidence_bins,
+    lookup_bucket,
+)
 from recurra.decode.cost_model import VerifyCost
 from recurra.decode.token_recycling import TokenRecycling, choose_size
 

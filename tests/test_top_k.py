@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from recurra.ops import chunked_scan_compiled
-from recurra.ops.top_k import (argmax, top_k, top_k_probabilities,
-                                top_k_probabilities_reference, top_k_reference)
+from recurra.ops.top_k import (
+    argmax,
+    top_k,
+    top_k_probabilities,
+    top_k_probabilities_reference,
+    top_k_reference,
+)
 
 pytestmark = pytest.mark.skipif(not chunked_scan_compiled.EXTENSION.available(),
                                 reason="the C++ inference kernels cannot be built here")

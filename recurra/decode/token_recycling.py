@@ -423,9 +423,9 @@ class TokenRecycling(Drafter):
                 children.append(None)
                 return
             neg = (-score[i] * rates[kid_buckets]).tolist()
-            for s, tok, b in zip(neg, kid_tokens.tolist(), kid_buckets.tolist()):
+            for s, tok in zip(neg, kid_tokens.tolist()):
                 counter += 1
-                heapq.heappush(heap, (s, counter, i, tok, b))
+                heapq.heappush(heap, (s, counter, i, tok))
             children.append((kid_tokens, kid_buckets))
 
         chain_nodes: set[int] = set()
@@ -439,7 +439,7 @@ class TokenRecycling(Drafter):
                 m = len(tokens) - 1
                 if (1.0 + total + (self.max_nodes - 1 - m) * -heap[0][0]) / eff(m + 2) <= best:
                     break
-            neg, _, p, tok, b = heapq.heappop(heap)
+            neg, _, p, tok = heapq.heappop(heap)
             if (p, tok) in index:  # the same token under the same parent: keep the first
                 continue
             if eff is not None:
@@ -493,7 +493,7 @@ class TokenRecycling(Drafter):
 class _Candidates:
     """A drafted candidate tree awaiting its hindsight walk (see TokenRecycling._observe)."""
 
-    __slots__ = ("position", "children", "index", "node")
+    __slots__ = ("children", "index", "node", "position")
 
     def __init__(self, position, children, index):
         self.position, self.children, self.index, self.node = position, children, index, 0

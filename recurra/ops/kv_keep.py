@@ -12,6 +12,7 @@ given: the caller must own them (a session owns the cache its last verify return
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 
@@ -46,7 +47,7 @@ def keep_slots(cache, start: int, path: Sequence[int]):
     if not cache:
         return cache
     path = [int(p) for p in path]
-    if any(b <= a for a, b in zip(path, path[1:])) or (path and path[0] != 0):
+    if any(b <= a for a, b in pairwise(path)) or (path and path[0] != 0):
         raise ValueError(f"path must rise from node 0 (a root-to-node path), got {path}")
     length = start + len(path)
     if path == list(range(len(path))) and cache[0][0].shape[2] == length:
