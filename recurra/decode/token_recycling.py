@@ -230,6 +230,7 @@ class TokenRecycling(Drafter):
         if self.matrix is not None:
             self.matrix[:] = 0
             self.confidence[:] = 0
+            self._bins[:] = 0
             self.row_previous[:] = -1
             self.row_call[:] = -1
         self.context_rows = {}
@@ -474,7 +475,7 @@ class TokenRecycling(Drafter):
         for cand in self._pending:
             done = False
             while cand.position < len(history):
-                kids = cand.children[cand.node] if cand.node < len(cand.children) else None
+                kids = cand.children[cand.node]  # every node of the tree was expanded
                 if kids is None:
                     done = True
                     break
