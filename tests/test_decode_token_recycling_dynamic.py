@@ -216,6 +216,28 @@ def test_hindsight_trials_along_the_emitted_path():
     assert tr.calibration.trials[[b_hi, b_lo]].tolist() == [3, 3]
 
 
+def test_hindsight_trials_use_the_records_as_drafted():
+    """The verification overwrites the rows of the tree's nodes before the hindsight walk:
+    the trials must still score the successors (and buckets) the tree was drafted from."""
+    tr = TokenRecycling(k=2, lookup=0, adaptive=False, max_nodes=3,
+                        calibration=AcceptanceCalibration(prior=np.full(NUM_BUCKETS, 0.5)))
+    tr.start([0], 10)
+    tr._store(np.array([1]), np.array([-1]), np.array([-1]), np.array([[2, 3]]),
+              np.array([[0.6, 0.3]], dtype=np.float32))
+    tree = tr.draft([0, 1], 5)  # root 1 (after 0: another context) with children 2, 3
+    assert tree.tokens == [1, 2, 3]
+    logits = torch.full((3, 10), -5.0)
+    logits[:, 3], logits[:, 2] = 5.0, 4.0  # every node now predicts 3, then 2
+    tr.update(tree, logits, [0], [3])
+    assert tr.matrix[1].tolist() == [3, 2]  # the row is rewritten
+    tr.draft([0, 1, 3], 5)
+    other = len(CONFIDENCE_BINS)
+    b_hi, b_lo = other + plain_bin(0.6), other + plain_bin(0.3)
+    # as drafted: 2 (recorded at 0.6) missed, 3 (recorded at 0.3) was the next token
+    assert tr.calibration.trials[[b_hi, b_lo]].tolist() == [1, 1]
+    assert tr.calibration.hits[[b_hi, b_lo]].tolist() == [0, 1]
+
+
 def test_copied_chain_joins_the_candidates():
     tr = TokenRecycling(k=2, lookup=3, adaptive=False, max_nodes=10)
     history = [5, 6, 7, 8, 9, 1, 5, 6]

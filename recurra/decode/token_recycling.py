@@ -389,7 +389,8 @@ class TokenRecycling(Drafter):
         if call < 0:
             return None
         same = int(self.row_previous[token] == previous)
-        return (self.matrix[token], self.confidence[token],
+        # copies: the row may be overwritten before the hindsight walk reads these candidates
+        return (self.matrix[token].copy(), self.confidence[token].copy(),
                 recycled_bucket(same, call == self.calls, self._bins[token]))
 
     def _draft_dynamic(self, history: list[int], max_depth: int) -> DraftTree:
