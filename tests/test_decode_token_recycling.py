@@ -160,3 +160,41 @@ def test_measure_times_chains_and_trees():
         assert all(v > 0 for v in cost.table.values())
     with pytest.raises(ValueError, match="context"):
         measure(adapter, context[:3], sizes=(1, 8))
+    with pytest.raises(ValueError, match="repeats"):
+        measure(adapter, context, sizes=(1, 2), repeats=0)
+
+
+def test_measure_pairs_cancel_a_drifting_machine():
+    """A fake session whose verify of k tokens takes cost[k] x the machine's speed factor of the
+    moment; the factor changes between pairs of calls (a VM's slow moments). The paired
+    measurement recovers the true relative costs exactly."""
+    from recurra.decode.cost_model import measure
+
+    cost = {1: 1.0, 2: 1.1, 4: 1.2, 8: 1.5}
+    now = [0.0]
+
+    class Session:
+        calls = 0
+
+        def append(self, tokens, logits_to_keep=0):
+            pass
+
+        def verify(self, tree):
+            # slow (x1.5) every third pair of calls, and slower still (x2) every fifth
+            pair = Session.calls // 2
+            speed = 2.0 if pair % 5 == 0 else 1.5 if pair % 3 == 0 else 1.0
+            now[0] += cost[len(tree)] * speed
+            Session.calls += 1
+
+        def commit(self, path):
+            assert path == []
+
+    class Adapter:
+        device = torch.device("cpu")
+
+        def new_session(self):
+            return Session()
+
+    got = measure(Adapter(), list(range(12)), sizes=(8, 2, 4), repeats=4,
+                  clock=lambda: now[0])
+    assert got.table == pytest.approx(cost, rel=1e-12)

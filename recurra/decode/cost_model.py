@@ -13,6 +13,7 @@ a table for any adapter.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -70,27 +71,44 @@ CPU_2CORE_SMOLLM2 = VerifyCost({1: 1.00, 2: 1.08, 3: 1.13, 4: 1.15, 6: 1.21, 8: 
 @torch.no_grad()
 def measure(adapter, context: Sequence[int], sizes: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16,
                                                                      24, 32),
-            repeats: int = 5, tree: bool = False) -> VerifyCost:
-    """Time ``verify`` of each size after a prefill of ``context`` (medians over ``repeats``
-    rounds, sizes interleaved within a round). ``tree=False`` verifies chains (prompt lookup's
-    shape), ``tree=True`` best-first trees (Token Recycling's shape: tree attention mask)."""
+            repeats: int = 5, tree: bool = False, clock=time.perf_counter) -> VerifyCost:
+    """Time ``verify`` of each size against a one-token verify timed right beside it, after a
+    prefill of ``context``: each size's cost is the median over ``repeats`` rounds (after one
+    warm-up round) of its time / the time of the one-token verify of the same pair. A pair
+    shares the machine's speed of the moment, so a drift between pairs cancels (timing every
+    size against one k = 1 time per round does not: on a VM a slow moment there skews the whole
+    table). The sizes' order and the order within a pair flip every other round.
+    ``tree=False`` verifies chains (prompt lookup's shape), ``tree=True`` best-first trees
+    (Token Recycling's shape: tree attention mask)."""
     from .tree import DraftTree, TreeTemplate
 
     context = list(context)
+    sizes = sorted({int(k) for k in sizes} | {1})
     if len(context) < max(sizes) + 1:
         raise ValueError(f"context must hold at least max(sizes) + 1 = {max(sizes) + 1} tokens")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     session = adapter.new_session()
     session.append(torch.tensor([context], device=adapter.device), logits_to_keep=1)
     drafts = {}
     for k in sizes:
         parents = TreeTemplate.best_first(k).parents if tree else list(range(-1, k - 1))
         drafts[k] = DraftTree([context[-1]] + context[:k - 1], parents)
-    times = {k: [] for k in sizes}
-    for _ in range(repeats + 1):
-        for k in sizes:
-            start = time.perf_counter()
-            session.verify(drafts[k])
-            times[k].append(time.perf_counter() - start)
-            session.commit([])
-    med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}
-    return VerifyCost(med)
+
+    def timed(k: int) -> float:
+        start = clock()
+        session.verify(drafts[k])
+        elapsed = clock() - start
+        session.commit([])
+        return elapsed
+
+    ratios: dict[int, list[float]] = {k: [] for k in sizes if k > 1}
+    for r in range(repeats + 1):
+        for k in (sizes[1:] if r % 2 == 0 else sizes[:0:-1]):
+            if r % 2 == 0:
+                one, many = timed(1), timed(k)
+            else:
+                many, one = timed(k), timed(1)
+            if r:
+                ratios[k].append(many / one)
+    return VerifyCost({1: 1.0, **{k: statistics.median(v) for k, v in ratios.items()}})
