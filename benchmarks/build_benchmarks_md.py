@@ -10,7 +10,8 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ["layers", "pararnn", "zoo", "zoo_rerun", "zoo_fla", "zoo_b", "decode"]
+ORDER = ["layers", "pararnn", "zoo", "zoo_rerun", "zoo_fla", "zoo_b", "decode",
+         "decode_recurrent_unroll"]
 
 PREAMBLE = """# Benchmarks
 

@@ -42,3 +42,34 @@ def test_repeats_are_mirrored_and_replay_the_state_before_the_prompt():
     assert [r["identical"] for r in learner_rows] == [True, False]  # seen == 2 on prompt 1
     assert all(r["tokens"] in (3, 1) and r["seconds"] > 0 for r in rows)
     assert learner_rows[0]["tok_s"] == learner_rows[0]["tokens"] / learner_rows[0]["seconds"]
+
+
+def test_recurrent_mode_verifies_through_the_chosen_adapter(tmp_path):
+    """--recurrent-mode: the drafters verify through RecurrentAdapter(model, mode), greedy runs
+    the model's own step, and every method's output equals greedy's on a tiny LSTM."""
+    import argparse
+
+    import torch
+
+    from recurra.bench.decode import _recurrent_methods
+    from recurra.decode.recurrent_adapter import RecurrentAdapter
+    from recurra.models.recurrent_lm import RecurrentLM
+    from recurra.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = RecurrentLM(vocab_size=256, d_model=16, n_layers=1, layer="lstm")
+    save_checkpoint(tmp_path, model, {"model": model.config_dict()}, step=0)
+    for mode in ("levels", "unroll"):
+        args = argparse.Namespace(recurrent_checkpoint=str(tmp_path), max_new_tokens=12,
+                                  cost="table", kinds="code", prompts_per_kind=1,
+                                  warmup_tokens=4, recurrent_mode=mode)
+        methods, prompts = _recurrent_methods(args, lambda msg: None)
+        drafter_methods = [m for m in methods.values() if m.holder["drafter"] is not None]
+        assert len(drafter_methods) == 3
+        ids = prompts[0][1]
+        ref = methods["greedy (ours)"](ids)[0]
+        for name, fn in methods.items():
+            assert fn(ids)[0] == ref, name
+        for fn in drafter_methods:  # they verify through the adapter of the chosen mode
+            assert isinstance(fn.adapter, RecurrentAdapter) and fn.adapter.mode == mode
+        assert methods["greedy (ours)"].adapter.__class__ is RecurrentLM

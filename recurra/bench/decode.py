@@ -76,6 +76,11 @@ def add_arguments(p) -> None:
                    help="SmolLM2 forward our methods run: 'port' = recurra.models.LlamaLM ported "
                         "from the transformers model (same weights, leaner forward), "
                         "'transformers' = the transformers model through HFAdapter")
+    p.add_argument("--recurrent-mode", choices=("levels", "unroll"), default="levels",
+                   help="how the recurrent model verifies drafts (RecurrentAdapter's mode): "
+                        "'levels' = one batched step per depth, bitwise the greedy step "
+                        "(default); 'unroll' = one sequence forward per draft, which matches "
+                        "the step only to rounding (outputs are still checked identical)")
     p.add_argument("--recurrent-checkpoint", default=os.path.expanduser(
         "~/.cache/recurra/decode-bench-lstm"))
 
@@ -259,24 +264,28 @@ def _recurrent_methods(args, log):
     tokenizer = ByteTokenizer()
     n = args.max_new_tokens
 
+    from recurra.decode.recurrent_adapter import RecurrentAdapter
+
+    mode = getattr(args, "recurrent_mode", "levels")
+    verifier = RecurrentAdapter(model, mode)
+    log(f"[recurrent] drafts verified in mode {mode!r}")
     opts = None
     if args.cost == "measured":  # a recurrent verifier's cost grows with the tree's depth
         from recurra.decode.cost_model import measure
-        from recurra.decode.protocol import as_adapter
 
-        cost = measure(as_adapter(model), tokenizer.encode(REWRITE_TEXTS[0])[:200],
+        cost = measure(verifier, tokenizer.encode(REWRITE_TEXTS[0])[:200],
                        sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), repeats=5, tree=True)
         log("[recurrent] measured verify cost (tree, relative to k=1): "
             + ", ".join(f"{k}: {v:.2f}" for k, v in cost.table.items()))
         opts = {"cost": cost}
 
     def ours(spec):
-        holder = {"drafter": drafter_for(model, spec, opts) if spec else None}
+        holder = {"drafter": drafter_for(verifier, spec, opts) if spec else None}
 
         def fn(ids, tokens=n):
-            out = generate(model, ids, tokens, speculative=holder["drafter"])
+            out = generate(fn.adapter, ids, tokens, speculative=holder["drafter"])
             return out.tokens[0].tolist(), out.stats.mean_accepted
-        fn.holder = holder
+        fn.holder, fn.adapter = holder, (verifier if spec else model)
         return fn
 
     methods = {"greedy (ours)": ours(None), "prompt lookup (ours)": ours("prompt_lookup"),
@@ -360,10 +369,21 @@ def run(args) -> int:
              + "\n".join(f"- {g}" for g in goals))
     command = ("recurra bench decode " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k in ("max_new_tokens", "models", "threads", "tr_size", "prompts_per_kind",
-                 "beam_prompts", "beam_new_tokens", "forward", "cost", "repeats")
-        and v is not None))
-    md = write_results(args.out, "Decoding: speculative methods and beam search", command,
+        if v is not None and (k in ("max_new_tokens", "models", "threads", "tr_size",
+                                    "prompts_per_kind", "beam_prompts", "beam_new_tokens",
+                                    "forward", "cost", "repeats")
+                              or (k == "recurrent_mode" and v != "levels"))))
+    mode = getattr(args, "recurrent_mode", "levels")
+    if "recurrent" in args.models:
+        notes += (f"\n\nThe recurrent model's drafts were verified in RecurrentAdapter mode "
+                  f"'{mode}' " + ("(one batched step per depth: bitwise the greedy step)."
+                                  if mode == "levels" else
+                                  "(one sequence forward per draft, the accepted path replayed "
+                                  "at commit: it matches the greedy step to rounding, not "
+                                  "bitwise, so 'identical' is checked, not guaranteed)."))
+    title = "Decoding: speculative methods and beam search" + (
+        f" (recurrent drafts verified by '{mode}')" if mode != "levels" else "")
+    md = write_results(args.out, title, command,
                        ["model", "kind", "method", "tok/s", "speedup vs greedy", "MAT",
                         "identical"], table, extra={"per_prompt": rows, "beam": beam_rows,
                                                     "goals": goals}, notes=notes)
