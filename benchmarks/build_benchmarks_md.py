@@ -11,7 +11,7 @@ import re
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ORDER = ["layers", "pararnn", "zoo", "zoo_rerun", "zoo_fla", "zoo_b", "decode",
-         "decode_recurrent_unroll"]
+         "decode_recurrent"]
 
 PREAMBLE = """# Benchmarks
 

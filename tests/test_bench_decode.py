@@ -59,7 +59,7 @@ def test_recurrent_mode_verifies_through_the_chosen_adapter(tmp_path):
     torch.manual_seed(0)
     model = RecurrentLM(vocab_size=256, d_model=16, n_layers=1, layer="lstm")
     save_checkpoint(tmp_path, model, {"model": model.config_dict()}, step=0)
-    for mode in ("levels", "unroll"):
+    for mode in ("levels", "unroll", "auto"):
         args = argparse.Namespace(recurrent_checkpoint=str(tmp_path), max_new_tokens=12,
                                   cost="table", kinds="code", prompts_per_kind=1,
                                   warmup_tokens=4, recurrent_mode=mode)
@@ -71,5 +71,6 @@ def test_recurrent_mode_verifies_through_the_chosen_adapter(tmp_path):
         for name, fn in methods.items():
             assert fn(ids)[0] == ref, name
         for fn in drafter_methods:  # they verify through the adapter of the chosen mode
-            assert isinstance(fn.adapter, RecurrentAdapter) and fn.adapter.mode == mode
+            assert isinstance(fn.adapter, RecurrentAdapter) and fn.adapter.exact
+            assert fn.adapter.mode == ("unroll" if mode == "auto" else mode)
         assert methods["greedy (ours)"].adapter.__class__ is RecurrentLM

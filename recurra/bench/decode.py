@@ -76,11 +76,11 @@ def add_arguments(p) -> None:
                    help="SmolLM2 forward our methods run: 'port' = recurra.models.LlamaLM ported "
                         "from the transformers model (same weights, leaner forward), "
                         "'transformers' = the transformers model through HFAdapter")
-    p.add_argument("--recurrent-mode", choices=("levels", "unroll"), default="levels",
+    p.add_argument("--recurrent-mode", choices=("auto", "levels", "unroll"), default="auto",
                    help="how the recurrent model verifies drafts (RecurrentAdapter's mode): "
-                        "'levels' = one batched step per depth, bitwise the greedy step "
-                        "(default); 'unroll' = one sequence forward per draft, which matches "
-                        "the step only to rounding (outputs are still checked identical)")
+                        "'levels' = one batched step per depth; 'unroll' = one sequence "
+                        "forward per draft; 'auto' (default) = unroll for a row-exact model "
+                        "(LSTM/GRU blocks: bitwise the greedy step either way), else levels")
     p.add_argument("--recurrent-checkpoint", default=os.path.expanduser(
         "~/.cache/recurra/decode-bench-lstm"))
 
@@ -266,9 +266,9 @@ def _recurrent_methods(args, log):
 
     from recurra.decode.recurrent_adapter import RecurrentAdapter
 
-    mode = getattr(args, "recurrent_mode", "levels")
-    verifier = RecurrentAdapter(model, mode)
-    log(f"[recurrent] drafts verified in mode {mode!r}")
+    verifier = RecurrentAdapter(model, getattr(args, "recurrent_mode", "auto"))
+    log(f"[recurrent] drafts verified in mode {verifier.mode!r} "
+        f"({'row-exact' if verifier.exact else 'not row-exact'} model)")
     opts = None
     if args.cost == "measured":  # a recurrent verifier's cost grows with the tree's depth
         from recurra.decode.cost_model import measure
@@ -309,6 +309,7 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, flush=True)
     rows, beam_rows = [], []
+    recurrent_verifier = None
     load = os.getloadavg()[0]
     for label in args.models.split(","):
         if label == "smollm2":
@@ -319,6 +320,7 @@ def run(args) -> int:
                                         log, args.repeats)
         elif label == "recurrent":
             methods, prompts = _recurrent_methods(args, log)
+            recurrent_verifier = methods["token recycling"].adapter
             rows += _run_suite("recurrent-lstm", methods, prompts, "greedy (ours)", log,
                                args.repeats)
         else:
@@ -372,17 +374,25 @@ def run(args) -> int:
         if v is not None and (k in ("max_new_tokens", "models", "threads", "tr_size",
                                     "prompts_per_kind", "beam_prompts", "beam_new_tokens",
                                     "forward", "cost", "repeats")
-                              or (k == "recurrent_mode" and v != "levels"))))
-    mode = getattr(args, "recurrent_mode", "levels")
-    if "recurrent" in args.models:
-        notes += (f"\n\nThe recurrent model's drafts were verified in RecurrentAdapter mode "
-                  f"'{mode}' " + ("(one batched step per depth: bitwise the greedy step)."
-                                  if mode == "levels" else
-                                  "(one sequence forward per draft, the accepted path replayed "
-                                  "at commit: it matches the greedy step to rounding, not "
-                                  "bitwise, so 'identical' is checked, not guaranteed)."))
+                              or (k == "recurrent_mode" and v != "auto"))))
+    mode = getattr(args, "recurrent_mode", "auto")
+    if recurrent_verifier is not None:
+        used = recurrent_verifier.mode
+        notes += (f"\n\nThe recurrent model's drafts were verified through RecurrentAdapter "
+                  f"mode '{mode}'" + (f" (resolved: '{used}')" if mode == "auto" else "") + ": "
+                  + ("one batched step per depth" if used == "levels" else
+                     "one sequence forward per draft" + (
+                         ", every node's state kept (forward_states) and the accepted one "
+                         "selected at commit" if getattr(recurrent_verifier.model,
+                                                         "states_over_time", False)
+                         else ", the accepted path replayed at commit"))
+                  + (". The model is row-exact (recurra.ops.row_exact), so every verified "
+                     "token's logits are bitwise the greedy step's: 'identical' is guaranteed "
+                     "by construction and checked." if recurrent_verifier.exact else
+                     ". The model is not row-exact: its verified logits match the greedy step "
+                     "to rounding, so 'identical' is checked, not guaranteed."))
     title = "Decoding: speculative methods and beam search" + (
-        f" (recurrent drafts verified by '{mode}')" if mode != "levels" else "")
+        f" (recurrent drafts verified by '{mode}')" if mode != "auto" else "")
     md = write_results(args.out, title, command,
                        ["model", "kind", "method", "tok/s", "speedup vs greedy", "MAT",
                         "identical"], table, extra={"per_prompt": rows, "beam": beam_rows,

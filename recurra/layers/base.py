@@ -38,6 +38,11 @@ class RecurrentLayer(nn.Module):
     #: True for layers that read a prefix of each sequence in both directions and are causal
     #: after it (jrt); RecurrentLM passes them ``prefix_lengths``
     causal_after_prefix: bool = False
+    #: True for layers whose small inference calls are row-exact (``recurra.ops.row_exact``):
+    #: every row bitwise the same whatever the other rows, so ``step`` equals a many-row forward
+    row_exact: bool = False
+    #: True for layers with ``forward_states`` (the state after every step) and ``state_at``
+    states_over_time: bool = False
 
     # ----------------------------------------------------------------- subclass interface
     def state_shapes(self, batch_size: int) -> list[tuple[int, ...]]:
@@ -74,6 +79,17 @@ class RecurrentLayer(nn.Module):
     ) -> tuple[torch.Tensor, State]:
         state, lengths = self.check_call(x, state, lengths)
         return self._forward(x, state, lengths)
+
+    def forward_states(self, x: torch.Tensor, state: State | None = None, lengths=None):
+        """``y, state, states``: the forward plus the state after every step (layers with
+        ``states_over_time``; see ``StackedRNN.forward_states``)."""
+        raise ValueError(f"{type(self).__name__} does not return its states over time "
+                         "(states_over_time is False)")
+
+    def state_at(self, states, rows, times) -> State:
+        """Row ``rows[i]``'s state after its step ``times[i]``, from ``forward_states``."""
+        raise ValueError(f"{type(self).__name__} does not return its states over time "
+                         "(states_over_time is False)")
 
     def check_call(self, x: torch.Tensor, state: State | None, lengths
                    ) -> tuple[State, torch.Tensor | None]:

@@ -18,7 +18,12 @@
   overhead dominates and the C++ loop is up to 1.5x faster). If the C++ loop cannot be built,
   auto warns once (``CompiledBackendWarning``) and runs fused. ``resolved_backend(batch_size)``
   says which backend a call runs. The backends compute the same function (to float rounding;
-  tested against each other and torch.nn); an impossible request raises.
+  tested against each other and torch.nn); an impossible request raises;
+- row-exact inference (``recurra.ops.row_exact``): with ``backend="auto"``, a call under no_grad
+  on the CPU with at most ``row_exact.EXACT_ROWS`` rows (batch x time) runs the compiled loop
+  with the row-exact products (input projection and recurrence), whatever ``resolved_backend``
+  says: every row's outputs and states are then bitwise the same whatever the other rows, so
+  ``step`` and a many-row forward (a verified draft tree) agree exactly.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import recurrent_compiled
+from ..ops import chunked_scan_compiled, recurrent_compiled, row_exact
 from ..ops.recurrent_cells import CELLS
 from ..ops.recurrent_fused import recurrence
+from ..ops.streamed_matmul import pack_panels
 from .base import RecurrentLayer, State, reverse_padded, time_mask
 
 BACKENDS = ("auto", "native", "compiled", "fused", "reference")
@@ -157,6 +163,11 @@ class StackedRNN(RecurrentLayer):
             s += f", backend={self.backend!r}"
         return s
 
+    @property
+    def row_exact(self) -> bool:
+        """Row-exact inference (module docstring) runs with ``backend="auto"``."""
+        return self.backend == "auto"
+
     def state_shapes(self, batch_size: int) -> list[tuple[int, ...]]:
         shape = (self.num_layers * self.num_directions, batch_size, self.hidden_size)
         return [shape] * self.n_states
@@ -198,14 +209,22 @@ class StackedRNN(RecurrentLayer):
         finally:
             self.batch_first = False
 
-    def _forward(self, x: torch.Tensor, state: State, lengths: torch.Tensor | None):
+    def _forward(self, x: torch.Tensor, state: State, lengths: torch.Tensor | None,
+                 over_time: bool = False):
         B, T, _ = x.shape
         if T == 0:
-            return x.new_zeros(B, 0, self.output_size), state
-        backend = self.resolved_backend(B)
+            N, dh = self.num_heads, self.hidden_size // self.num_heads
+            empty = tuple(tuple(s.new_zeros(0, N, B, dh) for _ in range(s.shape[0]))
+                          for s in state)
+            return (x.new_zeros(B, 0, self.output_size), state) + ((empty,) if over_time else ())
+        exact = self.backend == "auto" and row_exact.applies(x, B * T)
+        backend = "compiled" if exact else self.resolved_backend(B)
+        if backend == "native" and over_time:  # torch's kernel returns the final state only
+            backend = "compiled" if _compiled_available() else "fused"
         if backend == "native":
             return self._native_forward(x, state, lengths)
         finals: list[list[torch.Tensor]] = [[] for _ in range(self.n_states)]
+        steps: list[list[torch.Tensor]] = [[] for _ in range(self.n_states)]
         inp = x
         for layer in range(self.num_layers):
             outs = []
@@ -213,20 +232,56 @@ class StackedRNN(RecurrentLayer):
                 k = layer * self.num_directions + d
                 s0 = tuple(s[k] for s in state)
                 src = inp if d == 0 else reverse_padded(inp, lengths)
-                y, s_final = self._run_direction(src, suffix, s0, lengths, backend)
+                y, s_final, s_steps = self._run_direction(src, suffix, s0, lengths, backend,
+                                                          exact, over_time)
                 outs.append(y if d == 0 else reverse_padded(y, lengths))
                 for j, s in enumerate(s_final):
                     finals[j].append(s)
+                    if over_time:
+                        steps[j].append(s_steps[j])
             inp = torch.cat(outs, -1) if len(outs) > 1 else outs[0]
             if self.dropout and self.training and layer < self.num_layers - 1:
                 inp = F.dropout(inp, self.dropout, training=True)
         if lengths is not None:
             inp = inp * time_mask(lengths, T).unsqueeze(-1).to(inp.dtype)
-        return inp, tuple(torch.stack(f, 0) for f in finals)
+        final = tuple(torch.stack(f, 0) for f in finals)
+        if over_time:  # per component, the (T, N, B, dh) states of every layer (no copy)
+            return inp, final, tuple(tuple(f) for f in steps)
+        return inp, final
 
-    def _run_direction(self, x, suffix, s0, lengths, backend):
-        """One layer, one direction: x (B, T, in) -> y (B, T, H), final state parts (B, H)."""
-        B, T, _ = x.shape
+    @property
+    def states_over_time(self) -> bool:
+        """``forward_states`` serves the causal (unidirectional) layers."""
+        return self.causal
+
+    def forward_states(self, x, state=None, lengths=None):
+        """``y, state, states``: ``forward``, plus the state after every step. ``states`` is
+        read by :meth:`state_at`: ``state_at(states, b, t)`` is row b's state after its step
+        t (for t < its length), the same values as the final state of a call that stops there
+        (bitwise, under row-exact inference). Causal layers only. Decoding uses it to commit a
+        verified path's state without running the path again."""
+        if not self.causal:
+            raise ValueError(f"{type(self).__name__} is bidirectional: the state after a step "
+                             "depends on the future, so it has no forward_states()")
+        if not self.batch_first:
+            raise ValueError("forward_states() is batch-first: construct with batch_first=True")
+        state, lengths = self.check_call(x, state, lengths)
+        return self._forward(x, state, lengths, over_time=True)
+
+    def state_at(self, states, rows, times) -> State:
+        """The states after step ``times[i]`` of row ``rows[i]`` (``forward_states``'s
+        ``states``; ``rows`` and ``times`` ints or equal-length long tensors), as a state of
+        ``len(rows)`` rows."""
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        times = torch.as_tensor(times, dtype=torch.long).reshape(-1)
+        # states[j][layer] is (T, N, B, dh): row b after step t is [t, :, b], heads in order
+        return tuple(torch.stack([s[times, :, rows].reshape(len(rows), self.hidden_size)
+                                  for s in per_layer]) for per_layer in states)
+
+    def _direction_weights(self, suffix):
+        """One direction's weights as the time loop takes them: the input weight with its rows
+        regrouped head by head (G*H, in), the folded bias (G*H,) or None, the recurrent weight
+        head by head r (N, dh, G*dh), and GRU's b_hn (N, 1, dh) or None."""
         N, H, G = self.num_heads, self.hidden_size, self.gates
         dh = H // N
         w_ih = getattr(self, f"weight_ih{suffix}")
@@ -240,19 +295,55 @@ class StackedRNN(RecurrentLayer):
                 bias_hn = b_hh[2 * H:].view(N, 1, dh)
             else:
                 b = b_ih + b_hh
+            b = b.view(G, N, dh).transpose(0, 1).reshape(G * H)
         else:
             b = None
-        # One GEMM over all steps, time-major, with the weight rows regrouped head by head so
-        # that wx[t] is a (N, B, G*dh) view: no copy of the gate tensor in either direction.
+        # rows regrouped head by head, so that wx[t] is a (N, B, G*dh) view (no copy)
         w_ih = w_ih.view(G, N, dh, -1).transpose(0, 1).reshape(G * H, -1)
-        if b is not None:
-            b = b.view(G, N, dh).transpose(0, 1).reshape(G * H)
-        wx = F.linear(x.transpose(0, 1), w_ih, b)  # (T, B, N*G*dh)
-        wx = wx.view(T, B, N, G * dh).transpose(1, 2)
         r = w_hh.view(G, N, dh, dh).permute(1, 3, 0, 2).reshape(N, dh, G * dh)
+        return w_ih, b, r, bias_hn
+
+    def _exact_weights(self, suffix):
+        """``_direction_weights`` detached, plus the packed panels of the input weight's
+        transpose and of r (for the row-exact products), kept while the parameters are unchanged
+        (the packing costs more than a decoding step)."""
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        params = [getattr(self, n + suffix) for n in names]
+        key = tuple((p._version, p.data_ptr(), p.dtype) for p in params)
+        cache = self.__dict__.setdefault("_exact_cache", {})
+        entry = cache.get(suffix)
+        if entry is None or entry[0] != key:
+            with torch.no_grad():
+                w_ih, b, r, bias_hn = self._direction_weights(suffix)
+                r = r.contiguous()
+                entry = (key, (pack_panels(w_ih.t()), b, r,
+                               recurrent_compiled.pack_recurrent(r), bias_hn))
+            cache[suffix] = entry
+        return entry[1]
+
+    def _run_direction(self, x, suffix, s0, lengths, backend, exact=False, over_time=False):
+        """One layer, one direction: x (B, T, in) -> y (B, T, H), final state parts (B, H),
+        and with ``over_time`` the state parts after every step (T, N, B, dh) (else None).
+        ``exact``: the row-exact products (see the module docstring)."""
+        B, T, _ = x.shape
+        N, H, G = self.num_heads, self.hidden_size, self.gates
+        dh = H // N
+        panels = None
+        if exact:
+            w_panels, b, r, panels, bias_hn = self._exact_weights(suffix)
+            ext = chunked_scan_compiled.EXTENSION.load()
+            wx = ext.streamed_matmul(x.transpose(0, 1).reshape(T * B, -1).contiguous(),
+                                     w_panels, G * H)
+            if b is not None:
+                wx += b
+        else:
+            w_ih, b, r, bias_hn = self._direction_weights(suffix)
+            # One GEMM over all steps, time-major: wx[t] is a (N, B, G*dh) view
+            wx = F.linear(x.transpose(0, 1), w_ih, b)  # (T, B, N*G*dh)
+        wx = wx.view(T, B, N, G * dh).transpose(1, 2)
         heads0 = tuple(s.view(B, N, dh).transpose(0, 1) for s in s0)
         states = recurrence(self.cell, wx, r, heads0, bias_hn=bias_hn,
-                            nonlinearity=self.nonlinearity, backend=backend)
+                            nonlinearity=self.nonlinearity, backend=backend, panels=panels)
         y = states[0].permute(2, 0, 1, 3).reshape(B, T, H)
         if lengths is None:
             final = [s[-1] for s in states]
@@ -260,7 +351,8 @@ class StackedRNN(RecurrentLayer):
             idx = (lengths - 1).clamp(min=0).view(1, 1, B, 1).expand(1, N, B, dh)
             final = [torch.where((lengths > 0).view(1, B, 1), s.gather(0, idx)[0], s0_)
                      for s, s0_ in zip(states, heads0)]
-        return y, tuple(f.transpose(0, 1).reshape(B, H) for f in final)
+        steps = states if over_time else None  # (T, N, B, dh) each
+        return y, tuple(f.transpose(0, 1).reshape(B, H) for f in final), steps
 
     def _native_forward(self, x, state, lengths):
         B, T, _ = x.shape

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..layers import RecurrentLayer, build, check_lengths, time_mask
 from ..layers.jrt import check_prefix_lengths
+from ..ops import row_exact
 
 ModelState = tuple  # tuple of per-block layer states (each a tuple of tensors)
 
@@ -68,7 +69,9 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(self.act(self.up(x))))
+        # row_exact.linear is F.linear, row-exact for small inference calls (recurra.ops.row_exact)
+        h = self.act(row_exact.linear(x, self.up.weight, self.up.bias))
+        return self.dropout(row_exact.linear(h, self.down.weight, self.down.bias))
 
 
 class Block(nn.Module):
@@ -99,15 +102,20 @@ class Block(nn.Module):
             self.mlp = None
 
     def forward(self, x: torch.Tensor, state, lengths: torch.Tensor | None,
-                prefix_lengths: torch.Tensor | None = None):
+                prefix_lengths: torch.Tensor | None = None, over_time: bool = False):
+        """``x, state`` after the block; with ``over_time`` also the layer's states after every
+        step (``mixer.forward_states``)."""
+        steps = None
         if self.reads_prefix:
             y, state = self.mixer(self.norm_mix(x), state, lengths, prefix_lengths=prefix_lengths)
+        elif over_time:
+            y, state, steps = self.mixer.forward_states(self.norm_mix(x), state, lengths)
         else:
             y, state = self.mixer(self.norm_mix(x), state, lengths)
         x = x + self.dropout(y)
         if self.mlp is not None:
             x = x + self.mlp(self.norm_mlp(x))
-        return x, state
+        return (x, state, steps) if over_time else (x, state)
 
     def step(self, x_t: torch.Tensor, state):
         y_t, state = self.mixer.step(self.norm_mix(x_t), state)
@@ -169,6 +177,18 @@ class RecurrentLM(nn.Module):
                 nn.init.zeros_(block.mlp.down.bias)
 
     @property
+    def row_exact(self) -> bool:
+        """True when this model's inference forward is row-exact (``recurra.ops.row_exact``):
+        under no_grad on the CPU, a call of at most ``row_exact.EXACT_ROWS`` tokens gives every
+        row bitwise what ``step`` gives it, so a draft verified in one forward matches greedy
+        decoding exactly. Needs every block's layer to be row-exact (the classic cells with
+        backend "auto"), float32/float64 weights on the CPU, and the compiled kernels."""
+        weight = self.embedding.weight
+        return (all(block.mixer.row_exact for block in self.blocks)
+                and weight.device.type == "cpu"
+                and weight.dtype in (torch.float32, torch.float64) and row_exact.available())
+
+    @property
     def reads_prefix(self) -> bool:
         """True when some block's layer reads a prefix non-causally (see the module docstring)."""
         return any(block.reads_prefix for block in self.blocks)
@@ -210,13 +230,8 @@ class RecurrentLM(nn.Module):
         prefix, see :attr:`reads_prefix`): the prefix of each sequence this call starts; None
         leaves each layer to its default.
         """
-        self._check_tokens(tokens, dims=2, shape="(batch, time)")
+        state, lengths = self._check_call(tokens, state, lengths)
         batch, steps = tokens.shape
-        if state is None:
-            state = (None,) * len(self.blocks)
-        else:
-            self._check_state_arity(state)
-        lengths = check_lengths(lengths, batch, steps, tokens.device)
         if prefix_lengths is not None:
             if not self.reads_prefix:
                 raise ValueError(
@@ -224,18 +239,61 @@ class RecurrentLM(nn.Module):
                     f"{self.config.layer!r} is causal); pass prefix_lengths=None")
             prefix_lengths = check_prefix_lengths(prefix_lengths, batch, steps, tokens.device)
 
+        logits, new_state, hidden, _ = self._run(tokens, state, lengths, prefix_lengths)
+        if return_hidden:
+            return logits, new_state, hidden
+        return logits, new_state
+
+    def _check_call(self, tokens, state, lengths):
+        """Validate a sequence call's tokens, state (None -> one None per block) and lengths."""
+        self._check_tokens(tokens, dims=2, shape="(batch, time)")
+        if state is None:
+            state = (None,) * len(self.blocks)
+        else:
+            self._check_state_arity(state)
+        return state, check_lengths(lengths, tokens.shape[0], tokens.shape[1], tokens.device)
+
+    def _run(self, tokens, state, lengths, prefix_lengths, over_time=False):
+        """The forward on validated arguments: logits, state, hidden, states over time (or
+        None)."""
         x = self.dropout(self.embedding(tokens))
-        new_state = []
+        new_state, steps = [], []
         for block, block_state in zip(self.blocks, state):
-            x, block_state = block(x, block_state, lengths, prefix_lengths)
+            out = block(x, block_state, lengths, prefix_lengths, over_time)
+            x, block_state = out[0], out[1]
             new_state.append(block_state)
+            if over_time:
+                steps.append(out[2])
         hidden = self.norm(x)
         if lengths is not None:
-            hidden = hidden * time_mask(lengths, steps).unsqueeze(-1).to(hidden.dtype)
-        logits = self.head(hidden)
-        if return_hidden:
-            return logits, tuple(new_state), hidden
-        return logits, tuple(new_state)
+            hidden = hidden * time_mask(lengths, tokens.shape[1]).unsqueeze(-1).to(hidden.dtype)
+        logits = row_exact.linear(hidden, self.head.weight)
+        return logits, tuple(new_state), hidden, (tuple(steps) if over_time else None)
+
+    @property
+    def states_over_time(self) -> bool:
+        """Whether :meth:`forward_states` serves (every block's layer has ``forward_states``)."""
+        return all(block.mixer.states_over_time and not block.reads_prefix
+                   for block in self.blocks)
+
+    def forward_states(self, tokens: torch.Tensor, state: ModelState | None = None,
+                       lengths: torch.Tensor | Sequence[int] | None = None):
+        """``logits, state, states``: :meth:`forward` plus the model's state after every
+        position; ``state_at(states, b, t)`` is row b's state after its token t (t below its
+        length). Under row-exact inference it is bitwise the state ``step`` reaches there.
+        Decoding commits a verified path with it instead of running the path again. Needs
+        :attr:`states_over_time`."""
+        if not self.states_over_time:
+            raise ValueError(f"layer {self.config.layer!r} does not return its states over "
+                             "time (states_over_time is False); use forward()")
+        state, lengths = self._check_call(tokens, state, lengths)
+        logits, new_state, _, over_time = self._run(tokens, state, lengths, None, True)
+        return logits, new_state, over_time
+
+    def state_at(self, states, rows, times) -> ModelState:
+        """The model state after position ``times[i]`` of row ``rows[i]`` (from
+        :meth:`forward_states`), a state of ``len(rows)`` rows."""
+        return tuple(block.mixer.state_at(s, rows, times) for block, s in zip(self.blocks, states))
 
     def step(self, token: torch.Tensor, state: ModelState | None = None):
         """One token per row: ``token`` (B,) -> ``logits`` (B, vocab_size), ``state``."""
@@ -249,7 +307,7 @@ class RecurrentLM(nn.Module):
         for block, block_state in zip(self.blocks, state):
             x, block_state = block.step(x, block_state)
             new_state.append(block_state)
-        return self.head(self.norm(x)), tuple(new_state)
+        return row_exact.linear(self.norm(x), self.head.weight), tuple(new_state)
 
     def _check_tokens(self, tokens, dims: int, shape: str) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != dims:

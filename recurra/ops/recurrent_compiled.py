@@ -45,11 +45,28 @@ def unavailable_reason() -> str | None:
     return EXTENSION.unavailable_reason()
 
 
-def recurrence(cell, wx, r, state0, bias_hn=None, nonlinearity="tanh"):
-    """Same arguments and results as ``recurrent_fused.recurrence`` (already validated there)."""
+def recurrence(cell, wx, r, state0, bias_hn=None, nonlinearity="tanh", panels=None):
+    """Same arguments and results as ``recurrent_fused.recurrence`` (already validated there).
+
+    ``panels``: the row-exact product for inference (``recurra.ops.row_exact``): ``r`` packed
+    head by head in column panels, (N, P, dh, 32) (:func:`pack_recurrent`). Each row's states
+    are then bitwise the same whatever the other rows; no gradient flows (forward only)."""
     if wx.device.type != "cpu":
         raise ValueError(f"backend='compiled' runs on the CPU, got wx on {wx.device}")
     ext = load()
+    if panels is not None:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (wx, r, *state0)):
+            raise ValueError("panels (the row-exact product) serve inference only: call under "
+                             "torch.no_grad(), or pass panels=None to get gradients")
+        if cell == "lstm":
+            return tuple(ext.lstm_forward(wx, r, *state0, panels)[:2])
+        if cell == "gru":
+            if bias_hn is None:
+                bias_hn = wx.new_zeros(r.shape[0], 1, r.shape[1])
+            return (ext.gru_forward(wx, r, bias_hn, state0[0], panels)[0],)
+        if cell == "elman":
+            return (ext.elman_forward(wx, r, state0[0], nonlinearity == "relu", panels)[0],)
+        return tuple(ext.slstm_forward(wx, r, *state0, panels)[:4])
     if cell == "lstm":
         return _LSTM.apply(ext, wx, r, *state0)
     if cell == "gru":
@@ -61,10 +78,17 @@ def recurrence(cell, wx, r, state0, bias_hn=None, nonlinearity="tanh"):
     return _SLSTM.apply(ext, wx, r, *state0)
 
 
+def pack_recurrent(r: torch.Tensor) -> torch.Tensor:
+    """``r`` (N, dh, W), every head's (dh, W) matrix packed in column panels: (N, P, dh, 32)
+    (``recurra.ops.streamed_matmul.pack_panels`` head by head), for ``recurrence(panels=...)``."""
+    from .streamed_matmul import pack_panels
+    return torch.stack([pack_panels(r[n]) for n in range(r.shape[0])])
+
+
 class _Elman(Function):
     @staticmethod
     def forward(ctx, ext, wx, r, h0, relu):
-        (hs,) = ext.elman_forward(wx, r, h0, relu)
+        (hs,) = ext.elman_forward(wx, r, h0, relu, None)
         ctx.ext, ctx.relu = ext, relu
         ctx.save_for_backward(r, h0, hs)
         return hs
@@ -79,7 +103,7 @@ class _Elman(Function):
 class _GRU(Function):
     @staticmethod
     def forward(ctx, ext, wx, r, bias_hn, h0):
-        hs, rz, ns, hrn = ext.gru_forward(wx, r, bias_hn, h0)
+        hs, rz, ns, hrn = ext.gru_forward(wx, r, bias_hn, h0, None)
         ctx.ext = ext
         ctx.save_for_backward(r, h0, hs, rz, ns, hrn)
         return hs
@@ -97,7 +121,7 @@ class _GRU(Function):
 class _LSTM(Function):
     @staticmethod
     def forward(ctx, ext, wx, r, h0, c0):
-        hs, cs, acts = ext.lstm_forward(wx, r, h0, c0)
+        hs, cs, acts = ext.lstm_forward(wx, r, h0, c0, None)
         ctx.ext = ext
         ctx.save_for_backward(r, h0, c0, acts, hs, cs)
         return hs, cs
@@ -112,7 +136,7 @@ class _LSTM(Function):
 class _SLSTM(Function):
     @staticmethod
     def forward(ctx, ext, wx, r, h0, c0, n0, m0):
-        hs, cs, ns, ms, acts, sf, sel = ext.slstm_forward(wx, r, h0, c0, n0, m0)
+        hs, cs, ns, ms, acts, sf, sel = ext.slstm_forward(wx, r, h0, c0, n0, m0, None)
         ctx.ext = ext
         ctx.save_for_backward(r, h0, c0, n0, acts, sf, sel, hs, cs, ns)
         return hs, cs, ns, ms

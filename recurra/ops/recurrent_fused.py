@@ -32,6 +32,7 @@ def recurrence(
     bias_hn: torch.Tensor | None = None,
     nonlinearity: str = "tanh",
     backend: str = "fused",
+    panels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """All states of a block-diagonal recurrent cell over time.
 
@@ -44,6 +45,8 @@ def recurrence(
         nonlinearity: Elman only, "tanh" or "relu".
         backend: "compiled" (C++ loops, hand-written backward), "fused" (Python loop,
             hand-written backward) or "reference" (loop + autograd).
+        panels: "compiled" only, for inference: ``r`` packed for the row-exact product
+            (``recurrent_compiled.pack_recurrent``; see ``recurra.ops.row_exact``).
     Returns:
         tuple of (T, N, B, dh) tensors, one per state component (h first).
     """
@@ -63,12 +66,15 @@ def recurrence(
         return tuple(s.new_zeros((0, *s.shape)) for s in state0)
     if cell == "elman" and nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    if panels is not None and backend != "compiled":
+        raise ValueError(f"panels (the row-exact product) need backend='compiled', got "
+                         f"{backend!r}")
     if backend == "reference":
         return recurrence_reference(cell, wx, r, state0, bias_hn, nonlinearity)
     if backend == "compiled":
         from . import recurrent_compiled
 
-        return recurrent_compiled.recurrence(cell, wx, r, state0, bias_hn, nonlinearity)
+        return recurrent_compiled.recurrence(cell, wx, r, state0, bias_hn, nonlinearity, panels)
     if cell == "lstm":
         return _LSTM.apply(wx, r, *state0)
     if cell == "gru":

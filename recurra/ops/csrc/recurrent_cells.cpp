@@ -9,10 +9,18 @@
 // made here are (T, B, N, X) in memory, returned as (T, N, B, X) views, as in recurrent_fused.
 // The backward functions return the gradients of the gate pre-activations (for wx) and of the
 // initial state; the caller forms the recurrent-weight gradient with one batched matmul.
+//
+// Row-exact inference: the forward functions take optional `panels`, the recurrent weight of
+// every head packed in column panels ((N, P, dh, 32), recurra/ops/streamed_matmul.py's
+// pack_panels). With them, the per-step product is panel_gemm.h's, where every output element
+// is one chain of fused multiply-adds over k whatever the number of rows; the pointwise pass is
+// the same code for every row. A row's states are then bitwise the same whatever the batch, so
+// a one-step call (decoding) and a many-row call (verifying a draft tree) agree exactly.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "panel_gemm.h"
 #include "rows_gemm.h"
 
 #include <algorithm>
@@ -134,14 +142,16 @@ int64_t release_cache() { return BlockCache::get().release(); }
 constexpr int64_t kInlineHeadSize = 32;
 
 // out = [add +] a @ b head by head, all (N, ., .) with a and out contiguous: a plain mm for one
-// head, batched BLAS for large heads, a vectorised loop for small ones.
+// head, batched BLAS for large heads, a vectorised loop for small ones; with `panels` (b packed,
+// (N, P, K, 32); no `add`), the row-exact panel product (see the top of this file).
 struct HeadMatmul {
   bool single, inline_heads;
   Tensor out, a, b, out0, a0, b0;
-  HeadMatmul(Tensor out_, Tensor a_, Tensor b_)
+  c10::optional<Tensor> panels;
+  HeadMatmul(Tensor out_, Tensor a_, Tensor b_, c10::optional<Tensor> panels_ = {})
       : single(a_.size(0) == 1),
-        inline_heads(!single && std::min(a_.size(2), b_.size(2)) <= kInlineHeadSize),
-        out(out_), a(a_), b(inline_heads ? b_.contiguous() : b_) {
+        inline_heads(!panels_ && !single && std::min(a_.size(2), b_.size(2)) <= kInlineHeadSize),
+        out(out_), a(a_), b(inline_heads ? b_.contiguous() : b_), panels(panels_) {
     if (single) {
       out0 = out.select(0, 0);
       a0 = a.select(0, 0);
@@ -149,7 +159,17 @@ struct HeadMatmul {
     }
   }
   void run(const Tensor* add = nullptr) {
-    if (inline_heads) {
+    if (panels) {
+      TORCH_CHECK(add == nullptr, "the panel product takes no addend");
+      AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "panel_heads", [&] {
+        const int64_t N = a.size(0), B = a.size(1), K = a.size(2), W = out.size(2);
+        const int64_t per_head = panels->size(1) * K * recurra::panel::kPanel;
+        for (int64_t n = 0; n < N; ++n)
+          recurra::panel::gemm<scalar_t>(out.data_ptr<scalar_t>() + n * B * W, W,
+                                         a.data_ptr<scalar_t>() + n * B * K, K,
+                                         panels->data_ptr<scalar_t>() + n * per_head, B, K, W);
+      });
+    } else if (inline_heads) {
       AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "head_matmul", [&] { small<scalar_t>(add); });
     } else if (single) {
       if (add) at::addmm_out(out0, add->select(0, 0), a0, b0);
@@ -183,6 +203,18 @@ struct HeadMatmul {
   }
 };
 
+// the recurrent weight r (N, K, W) packed as (N, ceil(W / 32), K, 32) panels, or nothing
+void check_panels(const c10::optional<Tensor>& panels, const Tensor& r) {
+  if (!panels) return;
+  const int64_t kp = recurra::panel::kPanel;
+  TORCH_CHECK(panels->dim() == 4 && panels->size(0) == r.size(0) &&
+                  panels->size(1) == (r.size(2) + kp - 1) / kp && panels->size(2) == r.size(1) &&
+                  panels->size(3) == kp && panels->is_contiguous() &&
+                  panels->scalar_type() == r.scalar_type(),
+              "panels must be r (N, K, W) packed as a contiguous (N, ceil(W / ", kp, "), K, ", kp,
+              ") tensor of r's dtype");
+}
+
 void check_steps(const Tensor& wx, const Tensor& r, int64_t gates) {
   TORCH_CHECK(wx.dim() == 4 && r.dim() == 3, "wx must be (T, N, B, G*dh) and r (N, dh, G*dh)");
   TORCH_CHECK(wx.size(3) == gates * r.size(1) && r.size(2) == gates * r.size(1) &&
@@ -206,6 +238,17 @@ void rows_product(T* out, int64_t ldo, const T* a, int64_t lda, const T* m, int6
   if (R > r8)
     recurra::rows_gemm<T, 4, 4>(out + r8 * ldo, ldo, a + r8 * lda, lda, m, ldm, R - r8, K, W,
                                 false, false);
+}
+
+// out (R x W, leading dim ldo) = a (R x K, lda) @ the panels (P, K, 32) of a (K x W) matrix,
+// one panel after another on this thread (row-exact: panel_gemm.h)
+template <typename T>
+void panel_product(T* out, int64_t ldo, const T* a, int64_t lda, const T* panels, int64_t R,
+                   int64_t K, int64_t W) {
+  const int64_t kp = recurra::panel::kPanel;
+  for (int64_t p = 0; p * kp < W; ++p)
+    recurra::panel::panel_all_rows<T>(out + p * kp, ldo, a, lda, panels + p * K * kp, R, K,
+                                      std::min<int64_t>(kp, W - p * kp));
 }
 
 struct RowSlices {
@@ -233,8 +276,10 @@ void for_row_slices(int64_t N, int64_t B, const F& fn) {
   });
 }
 
-std::vector<Tensor> elman_forward(Tensor wx, Tensor r, Tensor h0, bool relu) {
+std::vector<Tensor> elman_forward(Tensor wx, Tensor r, Tensor h0, bool relu,
+                                  c10::optional<Tensor> panels) {
   check_steps(wx, r, 1);
+  check_panels(panels, r);
   wx = unit_last(wx);
   r = r.contiguous();
   h0 = h0.contiguous();
@@ -247,9 +292,12 @@ std::vector<Tensor> elman_forward(Tensor wx, Tensor r, Tensor h0, bool relu) {
     for_row_slices(N, B, [&](int64_t n, int64_t b0, int64_t rows) {
       std::vector<scalar_t> g(rows * dh);
       const scalar_t* rn = rp + n * dh * dh;
+      const scalar_t* pn = panels ? panels->data_ptr<scalar_t>() + n * panels->stride(0) : nullptr;
       for (int64_t t = 0; t < T; ++t) {
-        if (t == 0) rows_product(g.data(), dh, h0p + (n * B + b0) * dh, dh, rn, dh, rows, dh, dh);
-        else rows_product(g.data(), dh, H.row(t - 1, n, b0), H.sb, rn, dh, rows, dh, dh);
+        const scalar_t* prev = t == 0 ? h0p + (n * B + b0) * dh : H.row(t - 1, n, b0);
+        const int64_t ld = t == 0 ? dh : H.sb;
+        if (pn) panel_product(g.data(), dh, prev, ld, pn, rows, dh, dh);
+        else rows_product(g.data(), dh, prev, ld, rn, dh, rows, dh, dh);
         for (int64_t i = 0; i < rows; ++i) {
           const scalar_t* x = X.row(t, n, b0 + i);
           const scalar_t* gg = g.data() + i * dh;
@@ -309,8 +357,10 @@ VECTORIZE
 // --------------------------------------------------------------------------------------- GRU
 // returns (hs, rz, ns, hrn): rz the activated reset and update gates, ns the candidate,
 // hrn = R_n h + b_hn (the reset gate's argument)
-std::vector<Tensor> gru_forward(Tensor wx, Tensor r, Tensor bias_hn, Tensor h0) {
+std::vector<Tensor> gru_forward(Tensor wx, Tensor r, Tensor bias_hn, Tensor h0,
+                                c10::optional<Tensor> panels) {
   check_steps(wx, r, 3);
+  check_panels(panels, r);
   wx = unit_last(wx);
   r = r.contiguous();
   bias_hn = bias_hn.contiguous();
@@ -320,7 +370,7 @@ std::vector<Tensor> gru_forward(Tensor wx, Tensor r, Tensor bias_hn, Tensor h0) 
          hrn = steps_like(wx, dh);
   Tensor hcur = h0.contiguous().clone();
   Tensor g = at::empty({N, B, G}, wx.options());
-  HeadMatmul mm(g, hcur, r);
+  HeadMatmul mm(g, hcur, r, panels);
   AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "gru_forward", [&] {
     Steps<scalar_t> X(wx), H(hs), RZ(rz), NS(ns), HRN(hrn);
     const scalar_t* gp = g.data_ptr<scalar_t>();
@@ -417,8 +467,10 @@ std::vector<Tensor> gru_backward(Tensor dhs, Tensor r, Tensor h0, Tensor hs, Ten
 
 // -------------------------------------------------------------------------------------- LSTM
 // returns (hs, cs, acts): acts the activated gates (i, f, g, o), (T, N, B, 4dh)
-std::vector<Tensor> lstm_forward(Tensor wx, Tensor r, Tensor h0, Tensor c0) {
+std::vector<Tensor> lstm_forward(Tensor wx, Tensor r, Tensor h0, Tensor c0,
+                                 c10::optional<Tensor> panels) {
   check_steps(wx, r, 4);
+  check_panels(panels, r);
   wx = unit_last(wx);
   r = r.contiguous();
   c0 = unit_last(c0);
@@ -427,7 +479,7 @@ std::vector<Tensor> lstm_forward(Tensor wx, Tensor r, Tensor h0, Tensor c0) {
   Tensor hs = steps_like(wx, dh), cs = steps_like(wx, dh), acts = steps_like(wx, G);
   Tensor hcur = h0.contiguous().clone();
   Tensor g = at::empty({N, B, G}, wx.options());
-  HeadMatmul mm(g, hcur, r);
+  HeadMatmul mm(g, hcur, r, panels);
   AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "lstm_forward", [&] {
     Steps<scalar_t> X(wx), H(hs), C(cs), A(acts);
     Heads<scalar_t> C0(c0);
@@ -521,8 +573,9 @@ VECTORIZE
 // returns (hs, cs, ns, ms, acts (i, f, z, o activated; (T, N, B, 4dh)), sf = sigmoid(-f~),
 // sel = [i~ > log sigmoid(f~) + m])
 std::vector<Tensor> slstm_forward(Tensor wx, Tensor r, Tensor h0, Tensor c0, Tensor n0,
-                                  Tensor m0) {
+                                  Tensor m0, c10::optional<Tensor> panels) {
   check_steps(wx, r, 4);
+  check_panels(panels, r);
   wx = unit_last(wx);
   r = r.contiguous();
   c0 = unit_last(c0);
@@ -535,7 +588,7 @@ std::vector<Tensor> slstm_forward(Tensor wx, Tensor r, Tensor h0, Tensor c0, Ten
          sel = steps_like(wx, dh, at::kBool);
   Tensor hcur = h0.contiguous().clone();
   Tensor g = at::empty({N, B, G}, wx.options());
-  HeadMatmul mm(g, hcur, r);
+  HeadMatmul mm(g, hcur, r, panels);
   AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "slstm_forward", [&] {
     Steps<scalar_t> X(wx), H(hs), C(cs), NS(ns), M(ms), A(acts), SF(sf);
     Steps<bool> SEL(sel);
