@@ -10,8 +10,7 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ["layers", "pararnn", "zoo", "zoo_rerun", "zoo_fla", "zoo_b", "decode",
-         "decode_recurrent"]
+ORDER = ["layers", "pararnn", "zoo", "zoo_rerun", "zoo_fla", "zoo_b", "decode"]
 
 PREAMBLE = """# Benchmarks
 
