@@ -53,6 +53,9 @@ def test_packed_copy_is_kept_and_follows_in_place_changes():
     W = torch.randn(40, 70, generator=gen)
     first = packed(W)
     assert packed(W) is first  # cached
+    first_t = packed(W, transposed=True)  # kept beside it: W.T's panels
+    assert packed(W, transposed=True) is first_t and packed(W) is first
+    assert torch.equal(first_t, pack_panels(W.t()))
     panels = pack_panels(W)
     assert panels.shape == (3, 40, 32)
     torch.testing.assert_close(panels.transpose(0, 1).reshape(40, 96)[:, :70], W, atol=0, rtol=0)
@@ -61,6 +64,7 @@ def test_packed_copy_is_kept_and_follows_in_place_changes():
     with torch.no_grad():
         W.mul_(2.0)  # in place: a new version
     assert packed(W) is not first
+    assert torch.equal(packed(W, transposed=True), pack_panels(W.t()))  # follows too
     torch.testing.assert_close(streamed_matmul(x, W), x @ W, atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="share K"):
         streamed_matmul(torch.randn(2, 41), W)

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import chunked_scan_compiled, recurrent_compiled
-from .streamed_matmul import pack_panels
+from .streamed_matmul import packed
 
 #: calls with at most this many rows (batch x time) run row-exact under no_grad
 EXACT_ROWS = 256
@@ -52,20 +51,6 @@ def applies(x: torch.Tensor, rows: int) -> bool:
             and available())
 
 
-#: weight -> ((version, data_ptr, shape, dtype), panels of weight.T)
-_PACKED_T = WeakIdKeyDictionary()
-
-
-def packed_transpose(weight: torch.Tensor) -> torch.Tensor:
-    """``pack_panels(weight.T)`` for an (out, in) weight, cached while its data is unchanged."""
-    key = (weight._version, weight.data_ptr(), weight.shape, weight.dtype)
-    entry = _PACKED_T.get(weight)
-    if entry is None or entry[0] != key:
-        entry = (key, pack_panels(weight.detach().t()))
-        _PACKED_T[weight] = entry
-    return entry[1]
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; row-exact when :func:`applies` to ``x``'s rows."""
@@ -76,11 +61,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"x (..., {weight.shape[1]}) expected for a weight of shape "
                          f"{tuple(weight.shape)}, got {tuple(x.shape)}")
     ext = chunked_scan_compiled.EXTENSION.load()
-    out = ext.streamed_matmul(x.reshape(rows, -1).contiguous(), packed_transpose(weight),
+    out = ext.streamed_matmul(x.reshape(rows, -1).contiguous(), packed(weight, transposed=True),
                               weight.shape[0])
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-__all__ = ["EXACT_ROWS", "applies", "available", "linear", "packed_transpose"]
+__all__ = ["EXACT_ROWS", "applies", "available", "linear"]

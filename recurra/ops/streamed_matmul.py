@@ -56,17 +56,19 @@ def pack_panels(W: torch.Tensor) -> torch.Tensor:
     return padded.reshape(K, P, PANEL).transpose(0, 1).contiguous()
 
 
-#: packed weights: W -> ((version, data_ptr, shape, dtype), panels)
+#: packed weights: W -> {transposed: ((version, data_ptr, shape, dtype), panels)}
 _PACKED = WeakIdKeyDictionary()
 
 
-def packed(W: torch.Tensor) -> torch.Tensor:
-    """``pack_panels(W)``, cached while ``W``'s data is unchanged (module docstring)."""
+def packed(W: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """``pack_panels(W)``, or ``pack_panels(W.T)`` with ``transposed`` (an (out, in) weight as
+    ``nn.Linear`` keeps it), cached while ``W``'s data is unchanged (module docstring)."""
     key = (W._version, W.data_ptr(), W.shape, W.dtype)
-    entry = _PACKED.get(W)
+    entries = _PACKED.setdefault(W, {})
+    entry = entries.get(transposed)
     if entry is None or entry[0] != key:
-        entry = (key, pack_panels(W))
-        _PACKED[W] = entry
+        entry = (key, pack_panels(W.detach().t() if transposed else W))
+        entries[transposed] = entry
     return entry[1]
 
 
