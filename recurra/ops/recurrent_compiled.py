@@ -54,6 +54,8 @@ def recurrence(cell, wx, r, state0, bias_hn=None, nonlinearity="tanh", panels=No
     if wx.device.type != "cpu":
         raise ValueError(f"backend='compiled' runs on the CPU, got wx on {wx.device}")
     ext = load()
+    if cell == "gru" and bias_hn is None:
+        bias_hn = wx.new_zeros(r.shape[0], 1, r.shape[1])
     if panels is not None:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (wx, r, *state0)):
             raise ValueError("panels (the row-exact product) serve inference only: call under "
@@ -61,8 +63,6 @@ def recurrence(cell, wx, r, state0, bias_hn=None, nonlinearity="tanh", panels=No
         if cell == "lstm":
             return tuple(ext.lstm_forward(wx, r, *state0, panels)[:2])
         if cell == "gru":
-            if bias_hn is None:
-                bias_hn = wx.new_zeros(r.shape[0], 1, r.shape[1])
             return (ext.gru_forward(wx, r, bias_hn, state0[0], panels)[0],)
         if cell == "elman":
             return (ext.elman_forward(wx, r, state0[0], nonlinearity == "relu", panels)[0],)
@@ -70,8 +70,6 @@ def recurrence(cell, wx, r, state0, bias_hn=None, nonlinearity="tanh", panels=No
     if cell == "lstm":
         return _LSTM.apply(ext, wx, r, *state0)
     if cell == "gru":
-        if bias_hn is None:
-            bias_hn = wx.new_zeros(r.shape[0], 1, r.shape[1])
         return (_GRU.apply(ext, wx, r, bias_hn, state0[0]),)
     if cell == "elman":
         return (_Elman.apply(ext, wx, r, state0[0], nonlinearity == "relu"),)
