@@ -64,7 +64,8 @@ def test_probabilities_equal_the_softmax(dtype, tol, rows, n, k):
 
 def test_argmax_equals_torch_argmax_ties_included():
     gen = torch.Generator().manual_seed(1)
-    for shape in [(1, 49152), (8, 49152), (3, 4, 33), (5, 1)]:
+    # lengths around the kernel's vector widths (16 floats, 8 doubles): whole vectors, a tail
+    for shape in [(1, 49152), (8, 49152), (3, 4, 33), (5, 1), (9, 16), (9, 17), (9, 64), (9, 71)]:
         x = torch.randint(0, 5, shape, generator=gen).float()  # many tied maxima
         assert torch.equal(argmax(x), x.argmax(-1))
         y = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -72,5 +73,12 @@ def test_argmax_equals_torch_argmax_ties_included():
     x = torch.full((2, 50), -float("inf"))
     x[1, 7] = 0.0
     assert argmax(x).tolist() == x.argmax(-1).tolist() == [0, 7]
+    x = torch.zeros(4, 37)  # the maximum tied across lanes and in the tail
+    x[0, [5, 21]] = 1.0
+    x[1, [21, 5]] = 1.0
+    x[2, [36, 35]] = 1.0
+    x[3, [3, 19, 35]] = 1.0
+    assert argmax(x).tolist() == x.argmax(-1).tolist() == [5, 5, 35, 3]
+    assert argmax(x.double()).tolist() == [5, 5, 35, 3]
     half = torch.randn(3, 40).bfloat16()  # a dtype the kernel does not take: torch's argmax
     assert torch.equal(argmax(half), half.argmax(-1))

@@ -53,7 +53,9 @@ def keep_slots(cache, start: int, path: Sequence[int]):
     if path == list(range(len(path))) and cache[0][0].shape[2] == length:
         return cache
     flat = [t for kv in cache for t in kv]
-    if not chunked_scan_compiled.serves("auto", *flat):
+    # the first layer's pair stands for all (a cache's tensors come from one forward; the
+    # kernel checks each one's device and dtype itself)
+    if not chunked_scan_compiled.serves("auto", *flat[:2]):
         return keep_slots_reference(cache, start, path)
     dst, src = _moves(start, path)
     out = chunked_scan_compiled.EXTENSION.load().kv_keep(flat, dst, src, length)

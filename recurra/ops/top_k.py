@@ -61,10 +61,10 @@ def top_k_probabilities(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """The index (...) of each row's largest entry of ``x`` (..., n), the lowest index among
     equal maxima: what ``x.argmax(-1)`` gives for rows without NaN, in one C++ pass
-    (:func:`top_k` with k = 1; torch's CPU argmax is several times slower on a few long rows).
+    (a lane-parallel pass; torch's CPU argmax is several times slower on a few long rows).
     Greedy decoding and speculative verification both choose tokens with it, so they agree bit
     for bit whatever the rows hold."""
     if x.numel() == 0 or not chunked_scan_compiled.serves("auto", x):
         return x.argmax(-1)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    return chunked_scan_compiled.EXTENSION.load().top_k_rows(rows, 1).view(x.shape[:-1])
+    return chunked_scan_compiled.EXTENSION.load().argmax_rows(rows).view(x.shape[:-1])

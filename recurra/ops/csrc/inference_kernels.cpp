@@ -20,6 +20,7 @@ std::vector<torch::Tensor> llama_decode(
     int64_t intermediate, double eps, int64_t logits_to_keep, bool return_hidden);
 
 torch::Tensor top_k_rows(torch::Tensor x, int64_t k);
+torch::Tensor argmax_rows(torch::Tensor x);
 std::vector<torch::Tensor> top_k_probs_rows(torch::Tensor x, int64_t k);
 std::vector<torch::Tensor> kv_keep(std::vector<torch::Tensor> cache, std::vector<int64_t> dst,
                                    std::vector<int64_t> src, int64_t length);
@@ -36,6 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("llama_decode", &llama_decode,
         "LlamaLM's forward for a few tokens in one call (forward only; rows independent)");
   m.def("top_k_rows", &top_k_rows, "indices of each row's k largest entries, by value");
+  m.def("argmax_rows", &argmax_rows, "index of each row's largest entry (lowest among equals)");
   m.def("top_k_probs_rows", &top_k_probs_rows,
         "top_k_rows plus the entries' softmax probabilities over their rows");
   m.def("kv_keep", &kv_keep,

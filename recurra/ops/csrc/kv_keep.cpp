@@ -2,6 +2,7 @@
 // and drop the rest, for every layer's keys and values in one call (the torch version is two
 // indexing ops and a slice per tensor: about 0.4 ms of dispatch for a 30-layer model).
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <vector>
@@ -14,11 +15,13 @@ void move_slots(torch::Tensor& t, const std::vector<int64_t>& dst,
   T* p = t.data_ptr<T>();
   const int64_t B = t.size(0), H = t.size(1), D = t.size(3);
   const int64_t s0 = t.stride(0), s1 = t.stride(1), s2 = t.stride(2), s3 = t.stride(3);
-  for (size_t j = 0; j < dst.size(); ++j)  // in order: a slot is read before it is overwritten
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h) {
-        T* row = p + b * s0 + h * s1;
-        for (int64_t d = 0; d < D; ++d) row[dst[j] * s2 + d * s3] = row[src[j] * s2 + d * s3];
+  // per (b, h, d) every move, in order (a slot is read before it is overwritten): in the
+  // transposed key layout (slots contiguous for each d) the moves of one d share cache lines
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t d = 0; d < D; ++d) {
+        T* row = p + b * s0 + h * s1 + d * s3;
+        for (size_t j = 0; j < dst.size(); ++j) row[dst[j] * s2] = row[src[j] * s2];
       }
 }
 
@@ -33,17 +36,22 @@ std::vector<torch::Tensor> kv_keep(std::vector<torch::Tensor> cache, std::vector
   out.reserve(cache.size());
   for (auto& t : cache) {
     TORCH_CHECK(t.dim() == 4 && t.device().is_cpu(), "cache tensors must be CPU (B, H, S, D)");
+    TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kDouble,
+                "cache tensors must be float32 or float64");
     const int64_t S = t.size(2);
     TORCH_CHECK(length >= 0 && length <= S, "length must lie in [0, S]");
     for (size_t j = 0; j < dst.size(); ++j)
       TORCH_CHECK(dst[j] >= 0 && dst[j] < src[j] && src[j] < S && (j == 0 || dst[j] > dst[j - 1]),
                   "slots must satisfy 0 <= dst[j] < src[j] < S, rising");
-    if (!dst.empty()) {
-      AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "kv_keep", [&] {
-        move_slots<scalar_t>(t, dst, src);
-      });
-    }
     out.push_back(t.narrow(2, 0, length));
+  }
+  if (!dst.empty()) {  // the tensors in parallel (each moves its own slots)
+    at::parallel_for(0, static_cast<int64_t>(cache.size()), 8, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        AT_DISPATCH_FLOATING_TYPES(cache[i].scalar_type(), "kv_keep", [&] {
+          move_slots<scalar_t>(cache[i], dst, src);
+        });
+    });
   }
   return out;
 }

@@ -12,8 +12,59 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
+
+// whether some lane of v is > t (false for NaN lanes)
+template <typename T>
+inline bool any_above(typename recurra::Vec<T>::type v, T t) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4)
+    return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_set1_ps(t), _CMP_GT_OQ) != 0;
+  else
+    return _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(v), _mm512_set1_pd(t), _CMP_GT_OQ) != 0;
+#else
+  const auto above = v > t;  // a vector of 0 / -1 (integers)
+  bool any = false;
+  for (int j = 0; j < recurra::Vec<T>::lanes; ++j) any |= above[j] != 0;
+  return any;
+#endif
+}
+
+// the index of x's largest entry, the lowest among equal maxima (NaN entries are skipped):
+// each lane keeps its running maximum and the index where it first reached it, then the lanes
+// are reduced (largest value, lowest index among equals)
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  using V = typename recurra::Vec<T>::type;
+  using U = typename recurra::Vec<T>::unaligned;
+  constexpr int L = recurra::Vec<T>::lanes;
+  using I = decltype(V{} > V{});  // lanes of indices: int32 for float, int64 for double
+  int64_t best_i = 0;
+  T best = x[0];
+  int64_t i = 0;
+  if (n >= L) {
+    V m = *reinterpret_cast<const U*>(x);
+    I at, idx;
+    for (int j = 0; j < L; ++j) at[j] = idx[j] = j;
+    for (i = L; i + L <= n; i += L) {
+      idx += L;
+      const V v = *reinterpret_cast<const U*>(x + i);
+      const auto up = v > m;
+      m = up ? v : m;
+      at = up ? idx : at;
+    }
+    best = m[0], best_i = at[0];
+    for (int j = 1; j < L; ++j)
+      if (m[j] > best || (m[j] == best && at[j] < best_i)) best = m[j], best_i = at[j];
+  }
+  for (; i < n; ++i)
+    if (x[i] > best) best = x[i], best_i = i;
+  return best_i;
+}
 
 template <typename T>
 void top_k_row(int64_t* out, const T* x, int64_t n, int64_t k) {
@@ -37,13 +88,15 @@ void top_k_row(int64_t* out, const T* x, int64_t n, int64_t k) {
   };
   int64_t i = 0;
   for (; i < n && size < k; ++i) insert(x[i], i);
-  for (; i + L <= n; i += L) {
-    const V v = *reinterpret_cast<const U*>(x + i);
-    const auto above = v > (V{} + val[k - 1]);  // a vector of 0 / -1 (integers)
-    bool any = false;
-    for (int j = 0; j < L; ++j) any |= above[j] != 0;
-    if (any)
-      for (int j = 0; j < L; ++j) insert(v[j], i + j);
+  // four vectors at a time: their lane-wise maximum against the current k-th value skips the
+  // block (the usual case once the list holds large entries); a NaN is never inserted
+  for (; i + 4 * L <= n; i += 4 * L) {
+    const V v0 = *reinterpret_cast<const U*>(x + i), v1 = *reinterpret_cast<const U*>(x + i + L);
+    const V v2 = *reinterpret_cast<const U*>(x + i + 2 * L);
+    const V v3 = *reinterpret_cast<const U*>(x + i + 3 * L);
+    const V a = v0 > v1 ? v0 : v1, b = v2 > v3 ? v2 : v3;
+    if (!any_above<T>(a > b ? a : b, val[k - 1])) continue;
+    for (int j = 0; j < 4 * L; ++j) insert(x[i + j], i + j);
   }
   for (; i < n; ++i) insert(x[i], i);
   for (int64_t j = 0; j < k; ++j) out[j] = idx[j];
@@ -107,4 +160,21 @@ std::vector<torch::Tensor> top_k_probs_rows(torch::Tensor x, int64_t k) {
     });
   });
   return {out, probs};
+}
+
+// x (R, n) contiguous, n >= 1: the index (R) of each row's largest entry, the lowest among equal
+// maxima (what top_k_rows(x, 1) gives, in a lane-parallel pass)
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) >= 1,
+              "x must be a contiguous (rows, n) with n >= 1");
+  const int64_t R = x.size(0), n = x.size(1);
+  auto out = torch::empty({R}, x.options().dtype(torch::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "argmax_rows", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    int64_t* op = out.data_ptr<int64_t>();
+    at::parallel_for(0, R, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) op[r] = argmax_row<scalar_t>(xp + r * n, n);
+    });
+  });
+  return out;
 }
