@@ -6,8 +6,8 @@ serves such shapes poorly on the CPU: on the 2-core machine, MKL's (8, 576) @ (5
 2.3x its single-row time, where reading the weight once costs the same for both.
 The kernel (``csrc/panel_gemm.h``, bound in ``csrc/streamed_matmul.cpp``) reads ``W`` packed in
 column panels (:func:`pack_panels`: 32 columns, every k, contiguous), one sequential read per
-panel, with the output rows' accumulators in registers for all of K and a software prefetch 4
-KB ahead. Rows of ``x`` then cost little beyond the first: in per-shape timings on the 2-core
+panel, with the output rows' accumulators in registers for all of K and software prefetches
+6 KB ahead into L2 and 1 KB ahead into L1. Rows of ``x`` then cost little beyond the first: in per-shape timings on the 2-core
 machine (2026-11-27, SmolLM2's shapes, weights too large for the cache), 8 rows read the
 weight at 75-90% of the single-row rate, where the earlier row-order kernel managed 50-60%.
 

@@ -2,10 +2,10 @@
 // memory once. W comes packed in column panels (streamed_matmul.py's pack_panels): panel p holds
 // columns [32p, 32p + 32) of W for every k, contiguous, so each panel is one sequential read.
 // The threads split the panels. For a panel, the output rows' accumulators stay in registers
-// for all of K (up to 14 rows of 32 floats at once); the loop prefetches the panel 32 k-rows
-// (4 KB of floats) ahead into L2, which keeps enough reads in flight for one core to stream at
+// for all of K (up to 14 rows of 32 floats at once); the loop prefetches the panel 48 k-rows
+// (6 KB of floats) ahead into L2, which keeps enough reads in flight for one core to stream at
 // the memory's pace while it computes several rows (without it, 8 rows read the weight at
-// about half the single-row rate on the 2-core machine).
+// about half the single-row rate on the 2-core machine), and 8 k-rows ahead into L1.
 //
 // Every output element is one chain of fused multiply-adds over k = 0..K-1, whatever the
 // number of rows and threads: a row's result is bitwise the same computed alone or with others.
