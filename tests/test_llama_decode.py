@@ -65,6 +65,8 @@ def test_equals_the_torch_forward(config, dtype):
         _, cache = model(tokens[:, :25])
     # a prefill of a few tokens from an empty cache (causal), with hidden states
     assert_results_close(*both(model, tokens[:, :7], return_hidden=True), tol)
+    # a longer prefill: 2 x 40 = 80 rows, several of the panel kernel's 14-row groups
+    assert_results_close(*both(model, tokens, logits_to_keep=5), tol)
     # one token, then a chain, with a cache (batch of 2)
     assert_results_close(*both(model, tokens[:, 25:26], cache), tol)
     assert_results_close(*both(model, tokens[:, 25:34], cache, logits_to_keep=3), tol)
@@ -158,11 +160,13 @@ def test_which_calls_take_the_compiled_path(monkeypatch):
     tokens = torch.randint(0, 61, (1, llama_decode.MAX_ROWS + 1))
     with torch.no_grad():
         model(tokens[:, :4])
+        model(tokens[:, :-1])  # MAX_ROWS rows (a short prefill): compiled
         model(tokens)  # more rows than MAX_ROWS: the torch forward
         model.backend = "torch"
         model(tokens[:, :4])
         model.backend = "auto"
-    assert calls == [torch.Size([1, 4, 48])]
+    assert calls == [torch.Size([1, 4, 48]), torch.Size([1, llama_decode.MAX_ROWS, 48])]
+    del calls[1]
     # grad mode with trainable weights: the torch forward, and gradients flow
     logits, _ = model(tokens[:, :4])
     assert len(calls) == 1 and logits.requires_grad
