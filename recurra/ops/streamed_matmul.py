@@ -7,9 +7,10 @@ serves such shapes poorly on the CPU: on the 2-core machine, MKL's (8, 576) @ (5
 The kernel (``csrc/panel_gemm.h``, bound in ``csrc/streamed_matmul.cpp``) reads ``W`` packed in
 column panels (:func:`pack_panels`: 32 columns, every k, contiguous), one sequential read per
 panel, with the output rows' accumulators in registers for all of K and software prefetches
-6 KB ahead into L2 and 1 KB ahead into L1. Rows of ``x`` then cost little beyond the first: in per-shape timings on the 2-core
-machine (2026-11-27, SmolLM2's shapes, weights too large for the cache), 8 rows read the
-weight at 75-90% of the single-row rate, where the earlier row-order kernel managed 50-60%.
+6 KB ahead into L2 and 1 KB ahead into L1. Rows of ``x`` then cost little beyond the first: in
+per-shape timings on the 2-core machine (2026-11-27, SmolLM2's shapes, weights too large for
+the cache), 8 rows read the weight at 75-90% of the single-row rate, where the earlier
+row-order kernel managed 50-60%.
 
 The packed copy of a weight is made on first use and kept (one copy per weight tensor, weakly
 keyed: it goes with the weight) until the weight's data changes (its version or storage), so a

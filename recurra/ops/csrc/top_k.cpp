@@ -1,8 +1,9 @@
 // The k largest entries of each row of a few long rows (a language model's logits over its
 // vocabulary, k of about 8): indices by value, descending, the lower index first among equal
-// values. One pass per row: a vector compare against the current k-th value skips whole
-// vectors, and the rare entry that beats it is inserted into a sorted list of k. torch.topk
-// sorts far more than it needs here (on the 2-core machine about 0.2 ms per 49152-entry row).
+// values. One pass per row: the lane-wise maximum of four vectors compared against the current
+// k-th value skips all four at once, and the rare entry that beats it is inserted into a sorted
+// list of k. torch.topk sorts far more than it needs here (on the 2-core machine about 0.2 ms
+// per 49152-entry row, against 23 us). argmax_rows: one lane-parallel pass per row.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -34,9 +35,9 @@ inline bool any_above(typename recurra::Vec<T>::type v, T t) {
 #endif
 }
 
-// the index of x's largest entry, the lowest among equal maxima (NaN entries are skipped):
-// each lane keeps its running maximum and the index where it first reached it, then the lanes
-// are reduced (largest value, lowest index among equals)
+// the index of x's largest entry, the lowest among equal maxima (for rows without NaN, as
+// recurra/ops/top_k.py says): each lane keeps its running maximum and the index where it first
+// reached it, then the lanes are reduced (largest value, lowest index among equals)
 template <typename T>
 int64_t argmax_row(const T* x, int64_t n) {
   using V = typename recurra::Vec<T>::type;
