@@ -24,8 +24,9 @@ on a CPU, for decoding:
   rows: about the same in both);
 - the rotary tables are computed once, not at every call, and there is no per-call
   configuration and mask machinery;
-- with ``backend="auto"`` (the default), inference calls of at most 32 rows (batch x tokens: a
-  decoding step, a draft tree, a few beams) run the whole forward in one compiled call
+- with ``backend="auto"`` (the default), inference calls of at most 128 rows (batch x tokens:
+  a decoding step, a draft tree, a few beams, a short prefill) run the whole forward in one
+  compiled call
   (:mod:`recurra.ops.llama_decode`): no per-op dispatch, the products streamed from packed
   weights (8 rows cost 1.05-1.2x one row instead of MKL's 1.7-2.3x), and every row computed
   independently of the others, so a token's logits are bitwise the same decoded alone or
